@@ -1,0 +1,230 @@
+"""Configuration of a memorizing causal language model.
+
+A `MemorizingConfig` nests the configuration of an ordinary Hugging Face decoder (`text_config`) and adds the
+settings of the kNN memory of Memorizing Transformers (Wu et al., ICLR 2022): which layers read and write an
+external memory of (key, value) pairs, how large the memory is, how many entries each query retrieves and how the
+retrieved entries are mixed with local attention.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+COMBINE_MODES = ("gate", "joint")
+RETRIEVAL_BACKENDS = ("exact", "faiss")
+FAISS_INDEX_KINDS = ("flat", "ivf")
+ROTARY_PLACEMENTS = ("fixed", "absolute", "none")
+MEMORY_DTYPES = ("float32", "bfloat16", "float16")
+LOCAL_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def _causal_lm_class(model_type: str) -> type | None:
+    """The transformers causal-LM class registered for `model_type`, or None."""
+    class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if isinstance(class_name, (tuple, list)):
+        class_name = class_name[0]
+    if class_name is None:
+        return None
+    module = importlib.import_module("transformers")
+    return getattr(module, class_name, None)
+
+
+class MemorizingConfig(PretrainedConfig):
+    r"""
+    Configuration of [`MemorizingForCausalLM`]: a base decoder plus kNN memory on some of its attention layers.
+
+    Args:
+        text_config (`PretrainedConfig` or `dict`):
+            Configuration of the base decoder-only model (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, Gemma, ...). It is
+            named `text_config` so that transformers' generation utilities find it with `get_text_config()`.
+        memory_layers (`list[int]`, *optional*):
+            Indices of the layers that get kNN memory; negative indices count from the end. Defaults to one layer at
+            about 3/4 of the depth (layer 9 of 12 in the paper).
+        memory_size (`int`, *optional*, defaults to 65536):
+            Capacity of the memory in tokens, per memory layer and batch row (FIFO: the oldest entries are
+            overwritten when it is full).
+        memory_top_k (`int`, *optional*, defaults to 32):
+            Number of entries each query retrieves from memory (not `top_k`, which generation uses for sampling).
+        memory_dtype (`str`, *optional*):
+            Dtype of the stored keys and values (`"float32"`, `"bfloat16"`, `"float16"`); defaults to the dtype of
+            the keys the layer computes.
+        retrieval (`str`, *optional*, defaults to `"exact"`):
+            `"exact"` (blocked exact top-k in torch, CPU or CUDA) or `"faiss"` (one faiss index per row and head; needs
+            the `faiss-cpu` or `faiss-gpu` extra).
+        faiss_index (`str`, *optional*, defaults to `"flat"`):
+            Kind of faiss index when `retrieval="faiss"`: `"flat"` (exact) or `"ivf"` (approximate).
+        faiss_nprobe (`int`, *optional*, defaults to 8):
+            Number of IVF lists searched per query when `faiss_index="ivf"`.
+        combine (`str`, *optional*, defaults to `"gate"`):
+            How retrieved entries are mixed with local attention. `"gate"` is the paper: memory attention has its own
+            softmax over the retrieved keys, queries and keys are L2-normalised and scaled by a learned per-head
+            factor, and a learned per-head sigmoid gate mixes memory and local attention. `"joint"`: the retrieved
+            keys join the local softmax; it adds no parameters, so a pretrained model can use memory before any
+            fine-tuning.
+        gate_init (`float`, *optional*, defaults to 0.0):
+            Initial gate bias b (gate = sigmoid(b)); 0 is the paper's choice, a negative value starts fine-tuning
+            of a pretrained model closer to its original behaviour.
+        memory_scale_init (`float`, *optional*):
+            Initial value of the learned per-head scale of the normalised memory scores (gate mode). Defaults to
+            `sqrt(head_dim)`.
+        sink_tokens (`int`, *optional*, defaults to 1):
+            Number of tokens at the start of every segment (and so of every document) that are never written to
+            memory. These are attention sinks: stored, every query retrieves them and memory hurts.
+        never_store_token_ids (`list[int]`, *optional*):
+            Token ids never written to memory (padding is never written either). Defaults to the base model's
+            `bos_token_id`, if it has one.
+        rotary_placement (`str`, *optional*, defaults to `"fixed"`):
+            Where memory attention places keys and queries in a rotary model. `"fixed"`: keys are stored unrotated
+            and each query is rotated to the offset `memory_query_offset`, so every memory entry looks "just outside
+            the local window" whatever its true position (best zero-shot). `"absolute"`: keys are stored rotated at
+            their true positions. `"none"`: neither is rotated. Ignored by models without rotary embeddings.
+        memory_query_offset (`int`, *optional*):
+            The relative distance at which `"fixed"` placement puts every memory entry; defaults to the number of
+            keys local attention sees in the current call (the local window).
+        local_attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
+            Attention implementation used for local attention and for every layer without memory.
+        local_window (`int`, *optional*, defaults to 1024):
+            Tokens of local attention when streaming long inputs and generating (besides the `sink_tokens`, which
+            never leave); tokens leaving the window are written to memory.
+        xl_cache (`bool`, *optional*, defaults to `False`):
+            Transformer-XL cache: when a document is read segment by segment, local attention of every layer also
+            sees the previous segment's keys and values (detached), as in the paper's best configurations.
+    """
+
+    model_type = "memorizing"
+    sub_configs = {"text_config": AutoConfig}
+    has_no_defaults_at_init = True  # transformers 4.x: there is no sensible default base model
+
+    def __init__(
+        self,
+        text_config: PretrainedConfig | dict | None = None,
+        memory_layers: list[int] | None = None,
+        memory_size: int = 65536,
+        memory_top_k: int = 32,
+        memory_dtype: str | None = None,
+        retrieval: str = "exact",
+        faiss_index: str = "flat",
+        faiss_nprobe: int = 8,
+        combine: str = "gate",
+        gate_init: float = 0.0,
+        memory_scale_init: float | None = None,
+        sink_tokens: int = 1,
+        never_store_token_ids: list[int] | None = None,
+        rotary_placement: str = "fixed",
+        memory_query_offset: int | None = None,
+        local_attn_implementation: str = "sdpa",
+        local_window: int = 1024,
+        xl_cache: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if text_config is None:
+            raise ValueError(
+                "MemorizingConfig needs the base decoder's configuration: pass "
+                "text_config=AutoConfig.from_pretrained(...) or use MemorizingForCausalLM.from_base_pretrained(...)."
+            )
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            if "model_type" not in text_config:
+                raise ValueError("text_config dict has no 'model_type'; cannot tell which decoder it describes.")
+            text_config = AutoConfig.for_model(**text_config)
+        self.text_config = text_config
+        _check_decoder(text_config)
+
+        num_layers = text_config.num_hidden_layers
+        if memory_layers is None:
+            memory_layers = [max(0, (3 * num_layers) // 4 - 1)]
+        if isinstance(memory_layers, int):
+            memory_layers = [memory_layers]
+        normalized = []
+        for layer in memory_layers:
+            if not isinstance(layer, int) or not -num_layers <= layer < num_layers:
+                raise ValueError(
+                    f"memory_layers contains {layer!r}, but the base model has {num_layers} layers: use indices in "
+                    f"[{-num_layers}, {num_layers - 1}]."
+                )
+            normalized.append(layer % num_layers)
+        if not normalized:
+            raise ValueError("memory_layers is empty: give at least one layer index, e.g. memory_layers=[-3].")
+        self.memory_layers = sorted(set(normalized))
+
+        if not isinstance(memory_top_k, int) or memory_top_k < 1:
+            raise ValueError(f"memory_top_k must be an integer >= 1, got {memory_top_k!r}.")
+        if not isinstance(memory_size, int) or memory_size < memory_top_k:
+            raise ValueError(f"memory_size ({memory_size!r}) must be an integer >= memory_top_k ({memory_top_k}).")
+        _check_choice("memory_dtype", memory_dtype, MEMORY_DTYPES, allow_none=True)
+        _check_choice("retrieval", retrieval, RETRIEVAL_BACKENDS)
+        _check_choice("faiss_index", faiss_index, FAISS_INDEX_KINDS)
+        _check_choice("combine", combine, COMBINE_MODES)
+        _check_choice("rotary_placement", rotary_placement, ROTARY_PLACEMENTS)
+        _check_choice("local_attn_implementation", local_attn_implementation, LOCAL_ATTN_IMPLEMENTATIONS)
+        if not isinstance(sink_tokens, int) or sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an integer >= 0, got {sink_tokens!r}.")
+        if not isinstance(local_window, int) or local_window < 1:
+            raise ValueError(f"local_window must be an integer >= 1, got {local_window!r}.")
+        if faiss_nprobe < 1:
+            raise ValueError(f"faiss_nprobe must be >= 1, got {faiss_nprobe!r}.")
+        if memory_query_offset is not None and memory_query_offset < 0:
+            raise ValueError(f"memory_query_offset must be >= 0 or None, got {memory_query_offset!r}.")
+        if never_store_token_ids is None:
+            bos = getattr(text_config, "bos_token_id", None)
+            never_store_token_ids = [bos] if isinstance(bos, int) else []
+
+        self.memory_size = memory_size
+        self.memory_top_k = memory_top_k
+        self.memory_dtype = memory_dtype
+        self.retrieval = retrieval
+        self.faiss_index = faiss_index
+        self.faiss_nprobe = faiss_nprobe
+        self.combine = combine
+        self.gate_init = float(gate_init)
+        self.memory_scale_init = memory_scale_init
+        self.sink_tokens = sink_tokens
+        self.never_store_token_ids = list(never_store_token_ids)
+        self.rotary_placement = rotary_placement
+        self.memory_query_offset = memory_query_offset
+        self.local_attn_implementation = local_attn_implementation
+        self.local_window = local_window
+        self.xl_cache = bool(xl_cache)
+        for name in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+            kwargs.setdefault(name, getattr(text_config, name, None))
+        super().__init__(**kwargs)
+
+    @property
+    def memory_attn_implementation(self) -> str:
+        """Name under which the memorizing attention function is registered for this local implementation."""
+        return f"memorizing_{self.local_attn_implementation}"
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...], allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}: choose one of {', '.join(repr(c) for c in choices)}.")
+
+
+def _check_decoder(text_config: PretrainedConfig) -> None:
+    """Refuse base models that are not decoder-only LMs whose attention goes through the attention interface."""
+    model_type = getattr(text_config, "model_type", None)
+    if getattr(text_config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"text_config is an encoder-decoder model ({model_type!r}); memorizing-hf wraps decoder-only causal "
+            "language models (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, Gemma, ...)."
+        )
+    model_class = _causal_lm_class(model_type)
+    if model_class is None:
+        raise ValueError(
+            f"text_config has model_type {model_type!r}, which has no causal language model in transformers; "
+            "memorizing-hf wraps decoder-only causal language models (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, ...)."
+        )
+    if not getattr(model_class, "_supports_attention_backend", False):
+        raise ValueError(
+            f"{model_class.__name__} does not route its attention through transformers' AttentionInterface, which "
+            "memorizing-hf patches; pick a model whose attention does (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, "
+            "Gemma, ...)."
+        )
+    if not hasattr(text_config, "num_hidden_layers"):
+        raise ValueError(f"text_config ({model_type!r}) has no num_hidden_layers; cannot place memory layers.")
