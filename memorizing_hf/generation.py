@@ -129,7 +129,8 @@ class MemorizingGenerationMixin(GenerationMixin):
             self._check_positions(positions)
             store = self._storable(chunk_ids, chunk_real)
             doc_positions = self.memory.document_positions(chunk_real[::beams]).repeat_interleave(beams, dim=0)
-            context = self._memory_context(positions, doc_positions, store, write=False, stats=stats, beams=beams)
+            window = chunk_real.sum(dim=1) + (cache.real.sum(dim=1) if cache.real is not None else 0)
+            context = self._memory_context(positions, window, doc_positions, store, False, stats, beams=beams)
             outputs = self.language_model(
                 input_ids=chunk_ids,
                 inputs_embeds=inputs_embeds[:, start:end] if inputs_embeds is not None else None,

@@ -50,6 +50,8 @@ class MemoryContext:
     Attributes:
         layers: memory layer index -> its `KNNAttention`.
         positions: `[batch, tokens]` position ids of the new tokens (rotary placement).
+        window: `[batch]` real tokens local attention sees in this call (cache + new), the default distance at
+            which "fixed" placement puts memory entries.
         inv_freq: the base model's rotary inverse frequencies (None without rotary embeddings).
         doc_positions: `[batch, tokens]` positions of the new tokens in their documents (stored with each entry).
         store: `[batch, tokens]` bool, which new tokens to write to memory.
@@ -65,6 +67,7 @@ class MemoryContext:
 
     layers: dict[int, KNNAttention]
     positions: torch.Tensor
+    window: torch.Tensor
     inv_freq: torch.Tensor | None
     doc_positions: torch.Tensor
     store: torch.Tensor
@@ -103,9 +106,9 @@ class KNNAttention(nn.Module):
             self.memory_scale = nn.Parameter(torch.full((self.num_heads,), float(scale)))
 
     # -- placement: how keys are stored and how queries meet them
-    def _place_queries(self, query: torch.Tensor, context: MemoryContext, local_keys: int) -> torch.Tensor:
+    def _place_queries(self, query: torch.Tensor, context: MemoryContext) -> torch.Tensor:
         if self.rotary_placement == "fixed":
-            offset = self.query_offset if self.query_offset is not None else local_keys
+            offset = self.query_offset if self.query_offset is not None else context.window.unsqueeze(1)
             query = rotate_by(query, offset - context.positions, context.inv_freq)
         elif self.rotary_placement == "none":
             query = rotate_by(query, -context.positions, context.inv_freq)
@@ -175,7 +178,7 @@ class KNNAttention(nn.Module):
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
         else:
-            placed = self._place_queries(query, context, key.shape[2])
+            placed = self._place_queries(query, context)
             grouped = placed.reshape(batch, self.num_kv_heads, -1, dim)  # query head h*G+g reads kv head h
             if first_pass:
                 context.stash[self.layer_idx] = self._retrieve(grouped, context.beams)
@@ -588,8 +591,14 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
         position_ids = position_ids + offset  # the previous segment (XL cache) occupies positions [0, offset)
         store = self._storable(input_ids, real)
         store[:, : self.config.sink_tokens] = False  # the segment's first tokens are attention sinks
+        window = real.sum(dim=1)
+        if xl is not None and offset:
+            window = window + xl.valid.to(device).sum(dim=1)
+        if past_key_values is not None:
+            window = window + past_key_values.get_seq_length()
         context = self._memory_context(
             position_ids,
+            window,
             self.memory.document_positions(real),
             store,
             write=update_memory,
@@ -618,6 +627,7 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
     def _memory_context(
         self,
         positions: torch.Tensor,
+        window: torch.Tensor,
         doc_positions: torch.Tensor,
         store: torch.Tensor,
         write: bool,
@@ -628,6 +638,7 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
         return MemoryContext(
             layers={int(i): module for i, module in self.knn_attention.items()},
             positions=positions,
+            window=window,
             inv_freq=self._inv_freq(),
             doc_positions=doc_positions,
             store=store,

@@ -1,0 +1,123 @@
+"""generate() and memorize() with persistent memory and a bounded local window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memorizing_hf.cache import MemorizingCache
+
+from .conftest import VOCAB, tiny_base, tiny_memorizing
+
+
+def _ids(length: int, seed: int, batch: int = 1, exclude: int | None = None) -> torch.Tensor:
+    ids = torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    if exclude is not None:
+        ids[ids == exclude] = exclude + 1
+    return ids
+
+
+def test_with_empty_memory_and_a_short_prompt_greedy_output_is_the_base_models() -> None:
+    prompt = _ids(20, seed=0)
+    expected = tiny_base("llama").generate(prompt, max_new_tokens=12, do_sample=False)
+    model = tiny_memorizing("llama", combine="joint", local_window=64)
+    assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False), expected)
+
+
+def test_batched_left_padded_prompts_match_each_prompt_alone() -> None:
+    documents = [_ids(90, seed=1)[0].tolist(), _ids(70, seed=2)[0].tolist()]
+    prompts = [_ids(12, seed=3)[0], _ids(7, seed=4)[0]]
+    batch = torch.zeros(2, 12, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, 12 - len(prompt) :], mask[row, 12 - len(prompt) :] = prompt, 1
+    model = tiny_memorizing("llama", combine="joint", local_window=16, memory_size=512)
+    model.memorize(documents, progress=False)
+    together = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, update_memory=False)
+    for row, prompt in enumerate(prompts):
+        alone = tiny_memorizing("llama", combine="joint", local_window=16, memory_size=512)
+        alone.memorize([documents[row]], progress=False)
+        expected = alone.generate(prompt.unsqueeze(0), max_new_tokens=8, do_sample=False, update_memory=False)
+        assert together[row, 12:].tolist() == expected[0, len(prompt) :].tolist()
+
+
+def test_beam_search_rows_read_the_memory_of_their_own_prompt() -> None:
+    documents = [_ids(60, seed=5)[0].tolist(), _ids(60, seed=6)[0].tolist()]
+    prompts = _ids(10, seed=7, batch=2)
+    model = tiny_memorizing("llama", combine="joint", local_window=16, memory_size=512)
+    model.memorize(documents, progress=False)
+    entries = model.memory.entries()
+    together = model.generate(prompts, max_new_tokens=6, num_beams=3, do_sample=False, update_memory=False)
+    assert model.memory.entries() == entries  # update_memory=False leaves the memory as it was
+    for row in range(2):
+        alone = tiny_memorizing("llama", combine="joint", local_window=16, memory_size=512)
+        alone.memorize([documents[row]], progress=False)
+        expected = alone.generate(prompts[row : row + 1], max_new_tokens=6, num_beams=3, do_sample=False)
+        assert together[row].tolist() == expected[0].tolist()
+
+
+def _record_retrievals(model) -> list[torch.Tensor]:
+    """Patch the memory layer's search to record the document positions of every retrieved entry."""
+    memory = model.memory.layers[int(next(iter(model.knn_attention)))]
+    search, found = memory.search, []
+
+    def recording(queries, k):
+        slots = search(queries, k)
+        rows = torch.arange(slots.shape[0]).view(-1, 1, 1, 1).expand_as(slots)
+        found.append(torch.where(slots >= 0, memory.positions[rows, slots.clamp(min=0)], -1))
+        return slots
+
+    memory.search = recording
+    return found
+
+
+def test_a_second_generate_call_retrieves_what_the_first_one_read() -> None:
+    model = tiny_memorizing("llama", combine="joint", local_window=64, memory_size=512)
+    first = model.generate(_ids(30, seed=8), max_new_tokens=10, do_sample=False)
+    read = first.shape[1] - 1 - model.config.sink_tokens  # the last token is never fed back; sinks are not stored
+    assert model.memory.entries() == {1: [read]}
+    found = _record_retrievals(model)
+    model.generate(_ids(12, seed=9), max_new_tokens=4, do_sample=False)
+    positions = torch.cat([f.flatten() for f in found])
+    assert found and (positions >= 0).any()
+    assert positions[positions >= 0].max() < first.shape[1]  # every retrieved entry comes from the first call
+
+
+def test_a_prompt_twenty_windows_long_keeps_the_cache_bounded_and_finds_a_planted_token() -> None:
+    window, planted = 16, 2
+    model = tiny_memorizing(
+        "llama", memory_layers=[0], combine="gate", rotary_placement="none", local_window=window, memory_size=1024
+    )
+    attention = model.language_model.model.layers[0].self_attn
+    with torch.no_grad():  # queries equal keys in layer 0: a token's own stored key is its best cosine match
+        group = attention.q_proj.out_features // attention.k_proj.out_features
+        heads = attention.k_proj.weight.view(-1, attention.head_dim, attention.k_proj.in_features)
+        attention.q_proj.weight.copy_(heads.repeat_interleave(group, dim=0).reshape_as(attention.q_proj.weight))
+    prompt = _ids(20 * window, seed=10, exclude=planted)
+    prompt[0, 5] = prompt[0, -1] = planted
+    key_lengths = []
+    hook = attention.register_forward_hook(
+        lambda module, args, kwargs, out: key_lengths.append(kwargs["attention_mask"].shape[-1]), with_kwargs=True
+    )
+    found = _record_retrievals(model)
+    model.generate(prompt, max_new_tokens=1, do_sample=False)
+    hook.remove()
+    cache_bound = model.config.sink_tokens + window + MemorizingCache(window, 1).evict_every + window
+    assert max(key_lengths) <= cache_bound < prompt.shape[1]
+    last_query_top1 = found[-1][0, :, -1, 0]  # best entry for the last prompt token, every kv head
+    assert (last_query_top1 == 5).all()
+
+
+def test_memorize_takes_texts_with_a_tokenizer_and_explains_missing_pieces() -> None:
+    class Bytes:
+        def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+            return {"input_ids": [3 + b % (VOCAB - 3) for b in text.encode()]}
+
+    model = tiny_memorizing("llama", local_window=8, memory_size=256)
+    entries = model.memorize(["a" * 40, "bb" * 30], tokenizer=Bytes(), progress=False)
+    assert entries == {1: [39, 59]}
+    with pytest.raises(ValueError, match="no tokenizer"):
+        model.memorize(["text"])
+    with pytest.raises(ValueError, match="every document needs at least one token"):
+        model.memorize([[5, 6], []])
+    assert model.memory.entries() == {1: [39, 59]}
