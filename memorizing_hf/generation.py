@@ -99,11 +99,12 @@ class MemorizingGenerationMixin(GenerationMixin):
         attention_mask: torch.Tensor | None,
         cache: MemorizingCache,
         update_memory: bool,
-        output_memory_stats: bool,
+        stats: dict[str, Any] | None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ):
-        """Read the new tokens in chunks of at most `cache.window`, evicting what leaves the window to memory."""
+        """Read the new tokens in chunks of at most `cache.window`, evicting what leaves the window to memory
+        (diagnostics go to `stats` if it is a dict)."""
         reference = input_ids if input_ids is not None else inputs_embeds
         batch, tokens = reference.shape[:2]
         real = (
@@ -119,7 +120,6 @@ class MemorizingGenerationMixin(GenerationMixin):
         self.memory.check_batch_size(batch // beams)
         kwargs.pop("cache_position", None)  # logical positions of the full sequence: the cache is physical
         kwargs.pop("use_cache", None)
-        stats: dict[str, Any] | None = {} if output_memory_stats else None
         outputs, logits = None, []
         for start in range(0, tokens, cache.window):
             end = min(start + cache.window, tokens)
@@ -150,8 +150,6 @@ class MemorizingGenerationMixin(GenerationMixin):
         if isinstance(logits_to_keep, int) and logits_to_keep == 0:
             outputs.logits = torch.cat(logits, dim=1)
         outputs.past_key_values = cache
-        if output_memory_stats:
-            outputs["memory_stats"] = stats
         return outputs
 
     def _evict(self, cache: MemorizingCache, count: int, write: bool) -> None:

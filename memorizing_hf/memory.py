@@ -233,21 +233,22 @@ class MemoryBank:
         if not rows or rows == {batch_size}:
             return
         if reset is not None and bool(reset.all()):
-            for memory in self.layers.values():
-                memory.load_state_tensors({})
-            self.tokens_seen = None
+            self.reset()
             return
         next(memory for memory in self.layers.values() if not memory.is_empty()).check_batch_size(batch_size)
 
     def reset(self, rows: torch.Tensor | None = None) -> None:
-        """Clear all rows, or the rows given as indices or a boolean mask."""
+        """Clear the rows given as indices or a boolean mask; `None` clears everything, row layout included, so that
+        batches of any size may follow."""
+        if rows is None:
+            for memory in self.layers.values():
+                memory.load_state_tensors({})
+            self.tokens_seen = None
+            return
         for memory in self.layers.values():
             memory.reset(rows)
         if self.tokens_seen is not None:
-            if rows is None:
-                self.tokens_seen.zero_()
-            else:
-                self.tokens_seen[rows.to(self.tokens_seen.device)] = 0
+            self.tokens_seen[rows.to(self.tokens_seen.device)] = 0
 
     def document_positions(self, real: torch.Tensor) -> torch.Tensor:
         """Positions in their documents `[rows, tokens]` of the non-padding tokens `real` about to be read."""

@@ -17,6 +17,8 @@ registered attention and mask functions, the model.
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, cached_file
 
 from .cache import MemorizingCache, XLCache
 from .configuration_memorizing import LOCAL_ATTN_IMPLEMENTATIONS, MemorizingConfig
@@ -40,6 +43,10 @@ from .rotary import rotate_by
 # Base models whose rotary embedding rotates interleaved pairs (x0, x1), (x2, x3), ... instead of the two halves
 # of the head dimension. Memory placement "fixed"/"none" de-rotates with the half layout, so they need "absolute".
 _INTERLEAVED_ROTARY_MODEL_TYPES = {"gptj", "codegen", "cohere", "cohere2", "glm", "glm4", "chatglm", "deepseek_v2"}
+# Name of the memory file that travels beside the weights of a checkpoint (`from_pretrained(..., memory_file=...)`).
+MEMORY_FILE_NAME = "memory.safetensors"
+# `from_pretrained` arguments that say where files of a checkpoint are found; a memory file is found the same way.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
 # ---------------------------------------------------------------------------------------------------- per-call context
@@ -460,7 +467,20 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
             raise TypeError("The model is already a MemorizingForCausalLM.")
         config = MemorizingConfig(text_config=model_or_path.config, **memory_kwargs)
         model = cls(config, language_model=model_or_path).to(model_or_path.device)
+        if model_or_path.generation_config is not None:  # generate as the base model does (eos ids, sampling, ...)
+            model.generation_config = copy.deepcopy(model_or_path.generation_config)
         return model.train(model_or_path.training)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, *model_args: Any, memory_file: str | None = None, **kwargs: Any
+    ) -> MemorizingForCausalLM:
+        """`PreTrainedModel.from_pretrained`, plus `memory_file`: a memory file to load, by name beside the weights
+        (e.g. `"memory.safetensors"`, found in the same folder or Hub repo and revision) or as a path."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if memory_file is not None:
+            model.load_memory(memory_file, **{name: kwargs[name] for name in _HUB_KWARGS if name in kwargs})
+        return model
 
     # -- the usual accessors, delegated to the base model
     def get_input_embeddings(self) -> nn.Module:
@@ -490,9 +510,29 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
         """Write the memory and XL cache to a safetensors file (with metadata describing the memory geometry)."""
         self.memory.save(path, self._memory_geometry(), extra=self.xl_cache.state_tensors())
 
-    def load_memory(self, path: str | Path) -> None:
-        """Load a memory file written by `save_memory`; a file for another geometry raises and changes nothing."""
+    def load_memory(self, path: str | Path, **hub_kwargs: Any) -> None:
+        """Load a memory file written by `save_memory`; a file for another geometry raises and changes nothing.
+
+        `path` is a file path or, if no such file exists, the name of a file beside the weights: relative to the
+        folder or Hub repo the model was loaded from (`model.name_or_path`), found like the weights (`hub_kwargs`:
+        revision, token, cache_dir, ... as for `from_pretrained`).
+        """
+        path = self._memory_file(path, **hub_kwargs)
         self.xl_cache.load_state_tensors(self.memory.load(path, self._memory_geometry(), device=self.device))
+
+    def _memory_file(self, path: str | Path, **hub_kwargs: Any) -> Path:
+        """`path` if it is a file, else the file of that name beside the weights (downloaded if in a Hub repo)."""
+        path = Path(path)
+        if path.is_file() or path.is_absolute() or not self.name_or_path:
+            return path
+        found = cached_file(
+            self.name_or_path, path.as_posix(), _raise_exceptions_for_missing_entries=False, **hub_kwargs
+        )
+        if found is None:
+            raise FileNotFoundError(
+                f"No memory file {str(path)!r}: not a file here, nor beside the weights in {self.name_or_path!r}."
+            )
+        return Path(found)
 
     def _memory_geometry(self) -> dict[str, Any]:
         """What a memory file must match to be read by this model."""
@@ -554,16 +594,18 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
                 raise ValueError(
                     "labels and memory_reset are for segment-by-segment reading, not with a MemorizingCache."
                 )
-            return self._stream_forward(
+            stats = {} if output_memory_stats else None
+            outputs = self._stream_forward(
                 input_ids,
                 inputs_embeds,
                 attention_mask,
                 past_key_values,
                 update_memory,
-                output_memory_stats,
+                stats,
                 logits_to_keep=logits_to_keep,
                 **kwargs,
             )
+            return with_memory_stats(outputs, stats) if output_memory_stats else outputs
         self.memory.check_batch_size(batch, reset=memory_reset)
         self.xl_cache.check_batch_size(batch, reset=memory_reset)
         if memory_reset is not None:
@@ -620,9 +662,7 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
             self.memory.advance(real)
             if xl is not None:
                 xl.advance(context.xl_new, real, offset, context.inv_freq)
-        if output_memory_stats:
-            outputs["memory_stats"] = context.stats
-        return outputs
+        return with_memory_stats(outputs, context.stats) if output_memory_stats else outputs
 
     def _memory_context(
         self,
@@ -660,6 +700,23 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
             never = torch.as_tensor(self.config.never_store_token_ids, device=input_ids.device)
             store &= ~torch.isin(input_ids, never)
         return store
+
+
+@functools.cache
+def _output_class_with_memory_stats(output_class: type[ModelOutput]) -> type[ModelOutput]:
+    """`output_class` plus a `memory_stats` field: still the base model's output type (a subclass), and a real field,
+    so that wrappers that rebuild outputs from their fields (DistributedDataParallel) keep it."""
+    namespace = {
+        "__annotations__": {"memory_stats": "dict | None"},
+        "memory_stats": None,
+        "__doc__": output_class.__doc__,
+    }
+    return dataclass(type(output_class.__name__, (output_class,), {**namespace, "__module__": __name__}))
+
+
+def with_memory_stats(outputs: ModelOutput, stats: dict[str, Any] | None) -> ModelOutput:
+    """The base model's output with `memory_stats` added."""
+    return _output_class_with_memory_stats(type(outputs))(**outputs, memory_stats=stats)
 
 
 def _set_attn_implementation(model: PreTrainedModel, name: str) -> None:

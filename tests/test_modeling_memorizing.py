@@ -271,6 +271,14 @@ def test_from_base_pretrained_reuses_the_weights(tmp_path) -> None:
         MemorizingForCausalLM.from_base_pretrained(model)
 
 
+def test_from_base_pretrained_keeps_the_base_models_generation_config() -> None:
+    base = tiny_base("llama")
+    base.generation_config.eos_token_id = [2, 5]
+    model = MemorizingForCausalLM.from_base_pretrained(base, memory_layers=[1])
+    assert model.generation_config.eos_token_id == [2, 5]
+    assert model.generation_config is not base.generation_config
+
+
 def test_config_built_model_is_registered_with_auto_classes(token_ids) -> None:
     config = MemorizingConfig(text_config=TINY_CONFIGS["qwen2"](), memory_layers=[2], memory_size=32, memory_top_k=4)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -308,6 +316,28 @@ def test_memory_file_of_another_model_is_refused(tmp_path, token_ids) -> None:
         model.load_memory(tmp_path / "memory.safetensors")
     for name, tensor in model.memory.layers[1].state_tensors().items():
         assert torch.equal(tensor, before[name])
+
+
+def test_a_memory_file_loads_by_name_beside_the_weights(tmp_path, token_ids, monkeypatch) -> None:
+    model = tiny_memorizing("llama")
+    model(token_ids(seed=1))
+    model.save_pretrained(tmp_path / "checkpoint")
+    model.save_memory(tmp_path / "checkpoint" / "memory.safetensors")
+    monkeypatch.chdir(tmp_path)  # no memory.safetensors in the working directory
+    loaded = MemorizingForCausalLM.from_pretrained(tmp_path / "checkpoint", memory_file="memory.safetensors")
+    auto = transformers.AutoModelForCausalLM.from_pretrained("checkpoint", memory_file="memory.safetensors")
+    for other in (loaded, auto):
+        for name, tensor in model.memory.layers[1].state_tensors().items():
+            assert torch.equal(tensor, other.memory.layers[1].state_tensors()[name]), name
+    loaded.reset_memory()
+    loaded.load_memory("memory.safetensors")  # later calls resolve the name the same way
+    assert loaded.memory.entries() == model.memory.entries()
+    (tmp_path / "memory.safetensors").write_bytes(b"not a memory file")  # a file here wins over the one beside
+    with pytest.raises(ValueError, match="not a readable memory file"):
+        loaded.load_memory("memory.safetensors")
+    with pytest.raises(FileNotFoundError, match="'other.safetensors': not a file here, nor beside the weights in"):
+        loaded.load_memory("other.safetensors")
+    assert loaded.memory.entries() == model.memory.entries()
 
 
 REMOTE_CODE_SCRIPT = """
@@ -357,3 +387,19 @@ def test_faiss_flat_backend_gives_the_exact_backends_output(combine: str, token_
             logits = model(token_ids(seed=seed), memory_reset=torch.tensor([seed == 2, False])).logits
         outputs.append(logits)
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_after_reset_memory_any_batch_size_may_follow(token_ids) -> None:
+    model = tiny_memorizing("llama", xl_cache=True)
+    model(token_ids(batch=2))
+    model.reset_memory()
+    model(token_ids(batch=1), memory_reset=torch.tensor([True]))
+    model(token_ids(batch=3, seed=2), memory_reset=torch.ones(3, dtype=torch.bool))
+    assert model.memory.entries() == {1: [15, 15, 15]}
+
+
+def test_memory_stats_are_a_real_output_field(token_ids) -> None:
+    output = tiny_memorizing("gpt2")(token_ids(), output_memory_stats=True)
+    assert isinstance(output, transformers.modeling_outputs.CausalLMOutputWithCrossAttentions)
+    rebuilt = type(output)(**dict(output))  # what DistributedDataParallel does with outputs
+    assert rebuilt.memory_stats == output.memory_stats == {"entries": {1: [15, 15]}}

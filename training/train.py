@@ -1,0 +1,228 @@
+"""Train a memorizing model on long documents with the Hugging Face Trainer, from a YAML recipe.
+
+    python training/train.py configs/tiny_smoke.yaml [section.key=value ...]
+    accelerate launch --config_file configs/accelerate/ddp.yaml training/train.py configs/smollm2_stdlib.yaml
+
+A recipe has four sections (training/README.md explains them with the recipes in configs/):
+
+    model:    pretrained: smollm2 or a local checkpoint folder  |  config: a transformers config, trained from scratch
+              tokenizer: bytes, smollm2 or a folder (default: the pretrained model's)
+              trainable: regexes of the parameter names to train (default: all)
+    memory:   MemorizingConfig fields (memory_layers, memory_size, memory_top_k, combine, gate_init, ...)
+    data:     source: stdlib, hol_light, austen, latex, python_docs or a folder (with pattern: a glob)
+              segment_length; max_documents, min_tokens, max_tokens; eval_documents (held out, by document); shuffle
+    training: TrainingArguments fields (output_dir, max_steps, per_device_train_batch_size, learning_rate, ...)
+
+Overrides on the command line use the same names: `training.max_steps=10 data.source=./my_texts`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    ByT5Tokenizer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from memorizing_hf import MemorizingConfig, MemorizingForCausalLM, sources
+from memorizing_hf.callbacks import MemorizingTrainer
+from memorizing_hf.data import CORPORA, DocumentStreams, collate_segments, load_documents, tokenize_documents
+
+DEFAULTS = {
+    "model": {"pretrained": None, "config": None, "tokenizer": None, "trainable": None},
+    "memory": {},
+    "data": {
+        "source": None,
+        "pattern": "**/*",
+        "segment_length": 512,
+        "max_documents": None,
+        "min_tokens": 2,
+        "max_tokens": None,
+        "eval_documents": 0,
+        "shuffle": True,
+    },
+    "training": {"report_to": "none", "prediction_loss_only": True},
+}
+ALLOWED = {
+    "model": set(DEFAULTS["model"]),
+    "memory": set(inspect.signature(MemorizingConfig.__init__).parameters) - {"self", "text_config", "kwargs"},
+    "data": set(DEFAULTS["data"]),
+    "training": {field.name for field in dataclasses.fields(TrainingArguments) if field.init},
+}
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, dict[str, Any]]:
+    """The recipe at `path` with `section.key=value` overrides, on top of DEFAULTS; unknown keys raise."""
+    recipe = yaml.safe_load(Path(path).read_text()) or {}
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        section, dot, name = key.partition(".")
+        if not equals or not dot:
+            raise ValueError(f"Override {override!r} is not of the form section.key=value.")
+        recipe.setdefault(section, {})[name] = yaml.safe_load(value)
+    config = {section: dict(values) for section, values in DEFAULTS.items()}
+    for section, values in recipe.items():
+        if section not in ALLOWED:
+            raise ValueError(f"{path}: unknown section {section!r}; the sections are {', '.join(ALLOWED)}.")
+        for key, value in (values or {}).items():
+            if key not in ALLOWED[section]:
+                raise ValueError(f"{path}: unknown key {section}.{key}{_suggestion(key, ALLOWED[section], section)}")
+            config[section][key] = value
+    return config
+
+
+def _suggestion(key: str, allowed: set[str], section: str) -> str:
+    close = difflib.get_close_matches(key, allowed, n=3)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    if section == "training":
+        return f"{hint}; training takes the fields of transformers.TrainingArguments."
+    return f"{hint}; allowed in {section}: {', '.join(sorted(allowed))}."
+
+
+def load_tokenizer(name: str):
+    """`bytes` (a byte-level tokenizer that needs no files), `smollm2`, or a local tokenizer folder."""
+    if name == "bytes":
+        return ByT5Tokenizer(extra_ids=0)
+    return AutoTokenizer.from_pretrained(sources.smollm2_path() if name == "smollm2" else name)
+
+
+def build_model(spec: dict[str, Any], memory: dict[str, Any]) -> tuple[MemorizingForCausalLM, Any]:
+    """The memorizing model (pretrained or from scratch, then partly frozen) and its tokenizer."""
+    pretrained, config = spec["pretrained"], spec["config"]
+    if (pretrained is None) == (config is None):
+        raise ValueError("model: give exactly one of pretrained (smollm2 or a folder) or config (from scratch).")
+    tokenizer = load_tokenizer(spec["tokenizer"] or pretrained)
+    if pretrained is not None:
+        path = sources.smollm2_path() if pretrained == "smollm2" else pretrained
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        config = dict(config)
+        defaults = {name: getattr(tokenizer, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        defaults["vocab_size"] = len(tokenizer)
+        text_config = AutoConfig.for_model(config.pop("model_type"), **{**defaults, **config})
+        base = AutoModelForCausalLM.from_config(text_config)
+    model = MemorizingForCausalLM.from_base_pretrained(base, **memory).train()
+    if spec["trainable"] is not None:
+        freeze_all_but(model, spec["trainable"])
+    return model, tokenizer
+
+
+def freeze_all_but(model: torch.nn.Module, patterns: list[str]) -> None:
+    """Train only the parameters whose name matches one of the regexes `patterns`."""
+    unused = set(patterns)
+    for name, parameter in model.named_parameters():
+        matches = {pattern for pattern in patterns if re.search(pattern, name)}
+        parameter.requires_grad_(bool(matches))
+        unused -= matches
+    if unused:
+        raise ValueError(f"model.trainable: {sorted(unused)} match no parameter name (e.g. {name!r}).")
+
+
+def build_data(
+    spec: dict[str, Any], tokenizer, args: TrainingArguments
+) -> tuple[DocumentStreams, DocumentStreams | None, list[str]]:
+    """Training streams, evaluation streams (held-out documents, or None) and the held-out documents' names."""
+    if spec["source"] is None:
+        raise ValueError(f"data.source is required: one of {', '.join(CORPORA)} or a folder.")
+    documents = load_documents(spec["source"], spec["pattern"])
+    if spec["max_documents"] is not None:
+        documents = documents.select(range(min(spec["max_documents"], len(documents))))
+    tokenized = tokenize_documents(documents, tokenizer, min_tokens=spec["min_tokens"], max_tokens=spec["max_tokens"])
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    held_out_names: list[str] = []
+    held_out = None
+    if spec["eval_documents"]:
+        split = tokenized.train_test_split(test_size=spec["eval_documents"], seed=seed)
+        tokenized, held_out = split["train"], split["test"]
+        held_out_names = list(held_out["name"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train = DocumentStreams(
+        tokenized,
+        spec["segment_length"],
+        args.per_device_train_batch_size,
+        shuffle=spec["shuffle"],
+        seed=seed,
+        pad_token_id=pad,
+    )
+    evaluation = None
+    if held_out is not None:
+        evaluation = DocumentStreams(
+            held_out, spec["segment_length"], args.per_device_eval_batch_size, pad_token_id=pad
+        )
+    return train, evaluation, held_out_names
+
+
+class StepTimes(TrainerCallback):
+    """Seconds of every optimizer step (forward, backward, update), written to `step_times.json` at the end."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            (Path(args.output_dir) / "step_times.json").write_text(json.dumps(self.seconds))
+
+
+def build_trainer(config: dict[str, dict[str, Any]]) -> MemorizingTrainer:
+    """The model, the data and the trainer a recipe describes."""
+    args = TrainingArguments(**config["training"])
+    set_seed(args.seed)
+    with args.main_process_first(desc="fetching the model and the documents"):
+        model, tokenizer = build_model(config["model"], config["memory"])
+        train, evaluation, held_out = build_data(config["data"], tokenizer, args)
+    if args.should_save:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / "held_out_documents.json").write_text(json.dumps(held_out, indent=1))
+    if args.process_index == 0:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(
+            f"{train.num_documents} training documents ({len(held_out)} held out), {train.steps_per_epoch} steps "
+            f"per epoch; {trainable:,} of {model.num_parameters():,} parameters trained",
+            flush=True,
+        )
+    return MemorizingTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=collate_segments,
+        callbacks=[StepTimes()],
+    )
+
+
+def main(argv: list[str] | None = None) -> MemorizingTrainer:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        raise SystemExit(__doc__)
+    trainer = build_trainer(load_config(argv[0], argv[1:]))
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.save_state()
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
