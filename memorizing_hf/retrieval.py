@@ -1,4 +1,3 @@
-# coding=utf-8
 """Exact top-k inner-product retrieval over the kNN memory of a Memorizing Transformer layer.
 
 The memory of one attention layer is a ring buffer `keys[R, H, C, D]` (batch rows, key/value heads, allocated
@@ -12,30 +11,33 @@ matmul (~10 ns per score on short rows), and the score matrix is large (1.2 GB f
 
 1. Pass 1 scores the memory block by block (in bf16 where the CPU has native bf16 dot products, ~2.5x faster than
    fp32) and keeps, per query, only the maximum score of every sub-block of `sub` (<= 64) contiguous slots: one
-   cheap `amax` per block. The k-th largest of these maxima is a score that k slots reach, so (after a rigorous
-   bound of the bf16 rounding error) it gives a lower bound `low` of the query's k-th best fp32 score; in practice
-   it is almost exactly that score.
-2. Pass 2 recomputes in fp32 only the (query, sub-block) pairs whose pass-1 maximum can reach `low` (typically
-   ~k + a few per query, i.e. ~5% of the matmul), batched per (head, sub-block), and collects the scores >= `low`.
-   Their top-k is the exact top-k of the fp32 scores; queries with too many candidates (many equal scores) are
-   searched again densely.
+   cheap `amax` per block. The k-th largest of these maxima is a score that k slots reach, so it gives a lower
+   bound `low` of the query's k-th best fp32 score, after subtracting a rigorous bound of the bf16 error (computed
+   from the actual rounding errors of the query and the keys); in practice `low` is close to that score.
+2. Pass 2 recomputes in fp32 only the (query, sub-block) pairs whose pass-1 maximum can reach `low` (at 65,536
+   random keys and k=32: ~48 of 1,024 sub-blocks per query with a bf16 pass 1, ~34 with fp32), batched per
+   (head, sub-block), and collects the scores >= `low` (~41, resp. ~34 per query). Their top-k is the exact top-k
+   of the fp32 scores; queries with too many candidates (e.g. many equal scores) are searched again densely.
 
-On CUDA, data-dependent shapes would need host synchronisations, so the GPU path keeps a running top-k with one
-`topk` per block instead (`_search_dense`, also the CPU fallback). Peak extra memory is bounded by the score block
-(`BLOCK_BYTES`) plus O(queries x memory / sub) for the sub-block maxima (at most `MAX_SUB_BLOCKS` per query).
+Only the matmuls use torch's intra-op threads; the cheap bookkeeping ops run single-threaded (see
+`_search_two_pass`). On CUDA, data-dependent shapes would need host synchronisations, so the GPU path keeps a
+running top-k with one `topk` per block instead (`_search_dense`, also the CPU fallback). Peak extra memory is
+bounded by the score block (`BLOCK_BYTES`) plus O(queries x memory / sub) for the sub-block maxima (at most
+`MAX_SUB_BLOCKS` per query).
 
 This file is also shipped as Hugging Face remote code: it imports only torch and the standard library.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
 # Byte budget of one fp32 score block [queries, block slots], from which the block size in slots is derived: large
 # enough for efficient matmuls and few (multi-threaded) ops per call, small enough to stay near the L3 cache.
-BLOCK_BYTES = 8 * 2**20
+BLOCK_BYTES = 16 * 2**20
 # Smallest number of memory slots per block (queries are tiled when even this block would exceed the budget).
 MIN_BLOCK = 256
 # Sub-blocks: pass 1 keeps the maximum score of every query over every sub-block of SUB_BLOCK contiguous slots.
@@ -54,7 +56,7 @@ CANDIDATES = 4
 APPROX_BF16: bool | None = None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bf16_matmul_is_fast() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (then ~2.5x faster than fp32), read from /proc/cpuinfo."""
     try:
@@ -63,6 +65,17 @@ def bf16_matmul_is_fast() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@contextlib.contextmanager
+def _threads(num: int):
+    """Run torch ops with `num` intra-op threads (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(num)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def choose_block_size(num_queries: int, budget_bytes: int | None = None) -> int:
@@ -82,16 +95,6 @@ def choose_sub_block(n: int, k: int) -> int:
     while -(-n // size) > MAX_SUB_BLOCKS:
         size *= 2
     return size
-
-
-def score_error_bound(head_dim: int, bf16: bool) -> float:
-    """c such that two computations of a score q.k differ by at most c |q| |k| (before any output rounding).
-
-    Any fp32 dot product of length D is within gamma_D sum|q_i k_i| <= gamma_D |q| |k| of the true value,
-    gamma_D ~ D 2^-24. A bf16 one also rounds q and k to bf16 (relative error u = 2^-8 each) before multiplying
-    exactly and accumulating in fp32: (2u + u^2) |q| |k| more. Its output rounding to bf16 is handled separately.
-    """
-    return (2.02 * 2.0**-8 if bf16 else 0.0) + 3 * head_dim * 2.0**-24
 
 
 def exact_topk(
@@ -137,15 +140,35 @@ def exact_topk(
         if -(-n // sub) >= k:  # else the memory is so small that the dense search is as fast
             block = -(-block // sub) * sub
             approx = bf16_matmul_is_fast() if APPROX_BF16 is None else APPROX_BF16
-            search = functools.partial(_search_two_pass, sub=sub, approx=approx)
+            search = functools.partial(_search_two_pass, sub=sub, approx=approx, threads=torch.get_num_threads())
     tile = max(1, min(M, BLOCK_BYTES // (4 * R * H * block)))
     tile = -(-M // -(-M // tile))  # equal tiles
     for m0 in range(0, M, tile):
         q = queries[:, :, m0 : m0 + tile].reshape(R * H, -1, D).to(dtype)
-        s, i = search(q, flat_keys, lengths, n, lo, k, block)
+        with _threads(1) if search is not _search_dense else contextlib.nullcontext():  # see _search_two_pass
+            s, i = search(q, flat_keys, lengths, n, lo, k, block)
         scores[:, :, m0 : m0 + tile] = s.view(R, H, -1, k)
         indices[:, :, m0 : m0 + tile] = i.view(R, H, -1, k)
     return scores, indices
+
+
+def _key_norms(keys: torch.Tensor, lengths: torch.Tensor, n: int, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest norm of the valid keys of every head, and of their bf16 rounding errors (0 unless `bf16`): `[R*H]`
+    each, computed in chunks of keys of at most a quarter of `BLOCK_BYTES` in fp32."""
+    R, RH = lengths.shape[0], keys.shape[0]
+    norm = torch.zeros(RH, device=keys.device)
+    error = torch.zeros(RH, device=keys.device)
+    step = max(1, BLOCK_BYTES // (16 * RH * keys.shape[2]))
+    for j0 in range(0, n, step):
+        block_keys = keys[:, j0 : min(j0 + step, n)].float()
+        invalid = torch.arange(j0, j0 + block_keys.shape[1], device=keys.device) >= lengths[:, None]  # [R, width]
+        invalid = invalid.repeat_interleave(RH // R, dim=0)  # [RH, width]
+        norms = torch.linalg.vector_norm(block_keys, dim=-1).masked_fill_(invalid, 0.0)  # also clears stale NaN
+        norm = torch.maximum(norm, norms.amax(dim=1))
+        if bf16:
+            errors = torch.linalg.vector_norm(block_keys - block_keys.bfloat16().float(), dim=-1)
+            error = torch.maximum(error, errors.masked_fill_(invalid, 0.0).amax(dim=1))
+    return norm, error
 
 
 def _score_block(
@@ -197,8 +220,13 @@ def _search_two_pass(
     block: int,
     sub: int,
     approx: bool,
+    threads: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two-pass search of fp32 queries `q [R*H, T, D]` (see the module docstring); `block % sub == 0`.
+
+    Called with one intra-op thread: only the matmuls use `threads` threads. The other ops are cheap, and each
+    multi-threaded op pays a thread synchronisation, which dominates for small ops and becomes very slow when the
+    cores are shared with other processes (measured: 2-10x slower calls on a busy 2-core machine).
 
     Pass 1 scores everything (in bf16 if `approx`, else fp32) and keeps every query's maximum over every
     sub-block of `sub` slots. The k-th largest of these maxima gives a lower bound `low` of the query's k-th best
@@ -210,10 +238,7 @@ def _search_two_pass(
     ninf_t = torch.tensor(ninf, device=device)
     q1 = q.to(torch.bfloat16) if approx else q
 
-    # Largest valid key norm of every head (for the error bound).
-    norms = torch.linalg.vector_norm(keys[:, :n], dim=-1, dtype=torch.float32)  # [RH, n]
-    invalid = torch.arange(n, device=device) >= lengths[:, None]
-    key_norm = norms.view(R, -1, n).masked_fill_(invalid[:, None, :], 0.0).view(RH, n).amax(dim=1)  # also NaN
+    key_norm, key_error = _key_norms(keys, lengths, n, approx)
 
     # Pass 1: maximum score of every query over every sub-block.
     num_sub = -(-n // sub)
@@ -222,20 +247,25 @@ def _search_two_pass(
     buffer32 = torch.empty(Q, block, device=device) if approx else None  # amax of bf16 is slow: convert first
     for j0 in range(0, n, block):
         width = min(block, n - j0)
-        s = _score_block(q1, keys, lengths, j0, width, lo, buffer).view(Q, width)
+        with _threads(threads):
+            s = _score_block(q1, keys, lengths, j0, width, lo, buffer).view(Q, width)
         if approx:
             s = buffer32[:, :width].copy_(s)
         if width % sub:  # last block: pad with -inf to whole sub-blocks
             s = torch.nn.functional.pad(s, (0, sub - width % sub), value=ninf)
         sub_max[:, j0 // sub : j0 // sub + -(-width // sub)] = s.reshape(Q, -1, sub).amax(dim=2)
 
-    del buffer, buffer32, s, norms, invalid
+    del buffer, buffer32, s
 
-    # k sub-blocks have a pass-1 score >= g (the k-th largest maximum), so k fp32 scores are >= low = g - u|g| - e
-    # (u: relative rounding of the bf16 output, e: error of the pass-1 score before that rounding, see
-    # `score_error_bound`). A pass-2 score s >= low needs a pass-1 score >= rn(low - e) in its sub-block.
-    e = score_error_bound(D, approx) * torch.linalg.vector_norm(q, dim=-1).view(Q) * key_norm.repeat_interleave(T)
-    e = e + D * 2.0**-120  # products that underflow (flushed to zero by bf16 hardware)
+    # k sub-blocks have a pass-1 score >= g (the k-th largest maximum), so k fp32 scores are >= low = g - u|g| - e,
+    # u = 2^-8 the relative rounding of the bf16 output and e a bound of |pass-1 score before that rounding - fp32
+    # score|: q.k - q'.k' = (q - q').k + q'.(k - k') for the bf16-rounded q', k', plus fp32 accumulation errors
+    # (<= D 2^-24 |q| |k| each). A pass-2 score s >= low needs a pass-1 score >= rn(low - e) in its sub-block.
+    q_norm = torch.linalg.vector_norm(q, dim=-1).view(Q)
+    e = 3 * D * 2.0**-24 * q_norm * key_norm.repeat_interleave(T) + D * 2.0**-120  # (+ underflows)
+    if approx:
+        q_error = torch.linalg.vector_norm(q - q1.float(), dim=-1).view(Q)
+        e += q_error * key_norm.repeat_interleave(T) + (q_norm + q_error) * key_error.repeat_interleave(T)
     # The threshold comes from coarser maxima (over THRESHOLD_SUB_BLOCKS * k sub-blocks, cheaper to rank): their
     # k-th largest is a (slightly lower) lower bound too, as the k largest are maxima of disjoint sets.
     coarse = max(num_sub // (THRESHOLD_SUB_BLOCKS * k), 1)
@@ -244,6 +274,8 @@ def _search_two_pass(
     low = g - e - (2.0**-8 * g.abs() if approx else 0.0)  # -inf where fewer than k sub-blocks are non-empty
     threshold = (low - e).to(q1.dtype).float() if approx else low - e  # rn(low - e)
     selected = sub_max >= threshold[:, None]  # [Q, num_sub]: sub-blocks to score in pass 2
+    short = torch.isneginf(low)  # rows with fewer than k non-empty coarse sub-blocks: searched densely below
+    selected.masked_fill_(short[:, None], False)
     low = torch.nextafter(low, ninf_t)  # "> low" is now ">= the bound", and never admits -inf
 
     # Pass 2: fp32 scores of the selected (query, sub-block) pairs, a window of sub-blocks at a time: one batched
@@ -253,12 +285,12 @@ def _search_two_pass(
     cand_s = torch.full((Q, cap), ninf, device=device)
     cand_i = torch.full((Q, cap), -1, dtype=torch.long, device=device)
     count = torch.zeros(Q, dtype=torch.long, device=device)
-    overflow = torch.zeros(Q, dtype=torch.bool, device=device)
+    overflow = short  # queries to search densely
     flat_q = q.reshape(Q, D)
     most = selected.view(RH, T, num_sub).sum(dim=1).amax(dim=0).tolist()  # most queries of a head per sub-block
     windows, first, pad = [], 0, 0
     for b, p in enumerate(most):
-        size = RH * (b - first + 1) * max(pad, p) * (D + sub) * 4  # bytes of the padded queries and scores
+        size = RH * (b - first + 1) * (max(pad, p) * (D + sub) + 2 * sub * D) * 4  # padded queries, scores, keys
         if b > first and (b - first == PASS2_SUB_BLOCKS or size > BLOCK_BYTES):
             windows.append((first, b))
             first, pad = b, 0
@@ -275,14 +307,20 @@ def _search_two_pass(
         per_group = torch.bincount(group, minlength=RH * nb)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel(), device=device) - (per_group.cumsum(0) - per_group)[group[order]]
-        most_in_group = int(per_group.max())
-        place = group * most_in_group + rank  # row of every pair in the padded batch
-        packed = torch.zeros(RH * nb * most_in_group, D, device=device)
+        # Groups with many queries are split into chunks of `size` queries (each with a copy of its keys), so that
+        # padding every chunk to `size` wastes little.
+        size = -(-r.numel() // int((per_group > 0).sum()))  # mean queries per non-empty group
+        chunks = -(-per_group // size)
+        chunk = (chunks.cumsum(0) - chunks)[group] + rank // size  # chunk of every pair
+        place = chunk * size + rank % size  # row of every pair in the padded batch
+        packed = torch.zeros(int(chunks.sum()) * size, D, device=device)
         packed.index_copy_(0, place, flat_q.index_select(0, r))
         block_keys = keys[:, j0 : j0 + width].float()
         if width % sub:  # last block: pad with zero keys to whole sub-blocks (masked below)
             block_keys = torch.nn.functional.pad(block_keys, (0, 0, 0, nb * sub - width))
-        s = torch.bmm(packed.view(RH * nb, most_in_group, D), block_keys.reshape(RH * nb, sub, D).transpose(1, 2))
+        chunk_keys = block_keys.reshape(RH * nb, sub, D).repeat_interleave(chunks, dim=0)
+        with _threads(threads):
+            s = torch.bmm(packed.view(-1, size, D), chunk_keys.transpose(1, 2))  # [chunks, size, sub]
         seg = s.view(-1, sub).index_select(0, place)  # [pairs, sub]
         if j0 + nb * sub > lo:  # mask slots past each pair's row length
             slot = j0 + c[:, None] * sub + torch.arange(sub, device=device)
@@ -291,7 +329,7 @@ def _search_two_pass(
         rows, vals, slots = r[a], seg[a, m], j0 + c[a] * sub + m  # rows come out sorted
         new = torch.bincount(rows, minlength=Q)
         full = count + new > cap
-        if bool(full.any()):  # too many candidates (e.g. many equal scores): such queries are redone densely
+        if bool(full.any()):  # too many candidates (e.g. many equal scores): such queries are searched densely
             overflow |= full
             new.masked_fill_(overflow, 0)
             keep = ~overflow[rows]
@@ -308,7 +346,7 @@ def _search_two_pass(
     indices.masked_fill_(scores == ninf, -1)
 
     redo = overflow.nonzero().squeeze(1)
-    if redo.numel():  # dense search of the overflowing queries, packed per head, padded with copies of a query
+    if redo.numel():  # dense search of these queries, packed per head, padded with copies of a query
         head, tok = redo // T, redo % T
         per_head = torch.bincount(head, minlength=RH)
         slot = torch.arange(redo.numel(), device=device) - (per_head.cumsum(0) - per_head)[head]

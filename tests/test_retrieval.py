@@ -20,17 +20,15 @@ NINF = float("-inf")
 # with several blocks, partial last blocks, several pass-2 blocks, query tiles and coarse threshold maxima;
 # "overflow" additionally makes most queries overflow into the dense re-search; "dense" forces the dense path
 # (the CUDA one); "fp32" disables the bf16 first pass.
+SMALL = {"SUB_BLOCK": 8, "MIN_SUB_BLOCK": 4, "MIN_BLOCK": 8, "BLOCK_BYTES": 2**18, "PASS2_SUB_BLOCKS": 16}
 PATHS = {
     "default": {},
     "fp32": {"APPROX_BF16": False},
     "bf16": {"APPROX_BF16": True},
-    "small": {"SUB_BLOCK": 4, "MIN_SUB_BLOCK": 4, "MIN_BLOCK": 8, "BLOCK_BYTES": 4096, "PASS2_SUB_BLOCKS": 3,
-              "THRESHOLD_SUB_BLOCKS": 2, "APPROX_BF16": True},
-    "small_fp32": {"SUB_BLOCK": 4, "MIN_SUB_BLOCK": 4, "MIN_BLOCK": 8, "BLOCK_BYTES": 4096, "PASS2_SUB_BLOCKS": 3,
-                   "APPROX_BF16": False},
-    "overflow": {"SUB_BLOCK": 4, "MIN_SUB_BLOCK": 4, "MIN_BLOCK": 8, "BLOCK_BYTES": 4096, "PASS2_SUB_BLOCKS": 2,
-                 "CANDIDATES": 1, "APPROX_BF16": True},
-    "dense": {"MAX_SUB_BLOCKS": 1, "MIN_BLOCK": 8, "BLOCK_BYTES": 4096},
+    "small": SMALL | {"THRESHOLD_SUB_BLOCKS": 2, "APPROX_BF16": True},
+    "small_fp32": SMALL | {"APPROX_BF16": False},
+    "overflow": SMALL | {"PASS2_SUB_BLOCKS": 5, "CANDIDATES": 1, "APPROX_BF16": True},
+    "dense": {"MAX_SUB_BLOCKS": 1, "MIN_BLOCK": 8, "BLOCK_BYTES": 2**14},
 }
 
 
@@ -240,3 +238,12 @@ def test_peak_memory_is_bounded(monkeypatch, approx):
         assert mem.peak <= bound, (budget, mem.peak, bound)
     assert peaks[0] < peaks[1] < full_matrix / 2
     assert peaks[1] <= 1.2 * kv_bytes
+
+
+def test_thread_count_is_restored():
+    """exact_topk runs its bookkeeping single-threaded and must give the caller's thread count back."""
+    before = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(7)
+    queries, keys, lengths = random_case(gen, 1, 2, 8, 16, 4096, [4096])
+    exact_topk(queries, keys, lengths, 4)
+    assert torch.get_num_threads() == before
