@@ -80,7 +80,8 @@ class MemoryCallback(TrainerCallback):
 class MemorizingTrainer(Trainer):
     """A `Trainer` for `MemorizingForCausalLM` that manages its memory (see the module docstring).
 
-    Use it as the Trainer, with `DocumentStreams` data and `collate_segments`:
+    Use it as the Trainer, with `DocumentStreams` data and `collate_segments` (`memory_learning_rate`: a learning rate
+    of its own for the memory layers' gates and scales, see `create_optimizer`):
 
         trainer = MemorizingTrainer(model=model, args=args, train_dataset=streams, data_collator=collate_segments)
         trainer.train()   # or trainer.train(resume_from_checkpoint=True)
@@ -90,8 +91,9 @@ class MemorizingTrainer(Trainer):
     running.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, memory_learning_rate: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.memory_learning_rate = memory_learning_rate
         model = extract_model_from_parallel(self.model)
         if not isinstance(model, MemorizingForCausalLM):
             raise TypeError(f"MemorizingTrainer trains a MemorizingForCausalLM, got {type(model).__name__}.")
@@ -112,6 +114,33 @@ class MemorizingTrainer(Trainer):
         self.memory_callback = MemoryCallback()
         self.add_callback(self.memory_callback)
         self._memory_shares: dict[int, list[list[float]]] = defaultdict(list)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """`Trainer.create_optimizer`; with `memory_learning_rate`, the memory layers' own parameters (gates, scales)
+        get that learning rate. They start from scratch while the pretrained weights want a small rate, so they need a
+        much larger one to move within a few hundred steps; the scheduler scales both alike."""
+        if self.memory_learning_rate is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = defaultdict(list)
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                memory = "knn_attention." in name
+                groups[memory, name in decay and not memory].append(parameter)
+        optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_class(
+            [
+                {
+                    "params": parameters,
+                    "weight_decay": self.args.weight_decay if decays else 0.0,
+                    **({"lr": self.memory_learning_rate} if memory else {}),
+                }
+                for (memory, decays), parameters in groups.items()
+            ],
+            **optimizer_kwargs,
+        )
+        return self.optimizer
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """`Trainer.train`; when resuming, the memory saved in the checkpoint is restored too."""
@@ -165,6 +194,16 @@ class MemorizingTrainer(Trainer):
         for layer, shares in outputs["memory_stats"].get("memory_share", {}).items():
             self._memory_shares[layer].append(shares)
         return (loss, outputs) if return_outputs else loss
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
+        """The number of predicted tokens, `labels[..., 1:]`, on every supported transformers release.
+
+        The causal LM loss never predicts a row's first label; older transformers releases (5.3 among them) counted
+        it anyway, which scaled every loss by (tokens - rows) / tokens and made evaluation and gradient accumulation
+        differ from the plain mean."""
+        if not hasattr(self, "_loss_shifts_labels") and batch_samples and "labels" in batch_samples[0]:
+            batch_samples = [{**batch, "labels": batch["labels"][..., 1:]} for batch in batch_samples]
+        return super()._get_num_items_in_batch(batch_samples, device)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """`Trainer.log`; training logs (those with "loss") also get the memory statistics."""

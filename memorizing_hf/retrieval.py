@@ -5,60 +5,71 @@ slots, head dim) where row `r` holds valid entries in slots `[0, lengths[r])`. F
 `queries[R, H, M, D]` (M = query heads per key/value head x tokens) we want the `k` slots of its own (row, head)
 with the largest inner product.
 
-A naive search computes the full score matrix and calls `topk` on it. On CPU the `topk` costs as much as the
-matmul (~10 ns per score on short rows), and the score matrix is large (1.2 GB for 4,608 queries x 65,536 keys).
-`exact_topk` never materialises it and spends almost all its time in matmuls. On CPU it makes two passes:
+A naive search computes the full score matrix and calls `topk` on it. On CPU that `topk` costs as much as the
+matmul, and the score matrix is large (1.2 GB for 4,608 queries x 65,536 keys). `exact_topk` never materialises it
+and spends almost all its time in one kind of matmul. On CPU it makes two passes:
 
-1. Pass 1 scores the memory block by block (in bf16 where the CPU has native bf16 dot products, ~2.5x faster than
-   fp32) and keeps, per query, only the maximum score of every sub-block of `sub` (<= 64) contiguous slots: one
-   cheap `amax` per block. The k-th largest of these maxima is a score that k slots reach, so it gives a lower
-   bound `low` of the query's k-th best fp32 score, after subtracting a rigorous bound of the bf16 error (computed
-   from the actual rounding errors of the query and the keys); in practice `low` is close to that score.
-2. Pass 2 recomputes in fp32 only the (query, sub-block) pairs whose pass-1 maximum can reach `low` (at 65,536
-   random keys and k=32: ~48 of 1,024 sub-blocks per query with a bf16 pass 1, ~34 with fp32), batched per
-   (head, sub-block), and collects the scores >= `low` (~41, resp. ~34 per query). Their top-k is the exact top-k
-   of the fp32 scores; queries with too many candidates (e.g. many equal scores) are searched again densely.
+1. Pass 1 scores the memory block by block, in bf16 where the CPU multiplies bf16 natively (2-3x faster than fp32),
+   and keeps only the maximum score of every query over every group of `sub` (32 or 64) consecutive slots: one
+   `amax` per block, over a layout `[keys, queries]` whose reduction runs along contiguous memory. The k-th largest
+   of these maxima is reached by k slots, so, after subtracting a rigorous bound of the bf16 error (from the actual
+   rounding error of each query and the largest key norm), it is a lower bound `low` of the query's k-th best fp32
+   score.
+2. Pass 2 scores in fp32 only the (query, group) pairs whose pass-1 maximum can reach `low` (at 65,536 keys and
+   k=32: 40-50 of 1,024 groups per query), batched per group (each group's keys meet all the queries that selected
+   it in one small matmul), and keeps the scores >= `low`. Their top-k is the exact top-k of the fp32 scores. A
+   query with too many candidates (many equal scores) is searched again densely.
 
-Only the matmuls use torch's intra-op threads; the cheap bookkeeping ops run single-threaded (see
-`_search_two_pass`). On CUDA, data-dependent shapes would need host synchronisations, so the GPU path keeps a
-running top-k with one `topk` per block instead (`_search_dense`, also the CPU fallback). Peak extra memory is
-bounded by the score block (`BLOCK_BYTES`) plus O(queries x memory / sub) for the sub-block maxima (at most
-`MAX_SUB_BLOCKS` per query).
+On CUDA, data-dependent shapes would need host synchronisations, so the GPU path keeps a running top-k with one
+`topk` per block instead (`_search_dense`, also the CPU path for small memories and few queries).
+
+Extra memory stays bounded: the score block (`BLOCK_BYTES`), the table of group maxima (about `2 / sub` bytes per
+query and slot, i.e. a tenth of the stored keys and values at 1,536 queries per head), and the pass-2 working set
+(`PASS2_BYTES`). Queries are tiled so that none of these grows without bound.
+
+Threads: every op runs with torch's intra-op threads; the search makes few, large ops (a few hundred per call at
+65,536 entries) and never changes the process's thread settings.
 
 This file is also shipped as Hugging Face remote code: it imports only torch and the standard library.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 
-# Byte budget of one fp32 score block [queries, block slots], from which the block size in slots is derived: large
-# enough for efficient matmuls and few (multi-threaded) ops per call, small enough to stay near the L3 cache.
-BLOCK_BYTES = 16 * 2**20
-# Smallest number of memory slots per block (queries are tiled when even this block would exceed the budget).
+# Bytes of one pass-1 score block `[heads, slots, queries]`: small enough to stay in cache, large enough that the
+# matmuls run at full speed and the number of ops per call stays small.
+BLOCK_BYTES = 4 * 2**20
+# Smallest number of memory slots per block (queries are tiled when even this block would exceed BLOCK_BYTES).
 MIN_BLOCK = 256
-# Sub-blocks: pass 1 keeps the maximum score of every query over every sub-block of SUB_BLOCK contiguous slots.
-# Aim for at least 8 k sub-blocks (a tight threshold), at most MAX_SUB_BLOCKS of them (bounded memory).
+# Bytes of one pass-2 window: the padded queries, the gathered keys and the scores of a batch of groups.
+PASS2_BYTES = 16 * 2**20
+# Most queries per (head) searched at once: bounds the table of group maxima to a fraction of the stored keys.
+TILE_QUERIES = 4096
+# Fewest queries per (row, head) for the two-pass search; fewer (e.g. one token while generating) are searched
+# densely, where a single pass over the fp32 keys is cheaper than converting them for a bf16 pass.
+MIN_QUERIES = 64
+# Slots per group: pass 1 keeps every query's maximum over each group. Aim for at least 8 k groups (a tight
+# threshold) with groups of at most SUB_BLOCK slots (cheap pass 2) and at least MIN_SUB_BLOCK (a small table).
 SUB_BLOCK = 64
-MIN_SUB_BLOCK = 32  # torch reduces shorter contiguous runs slowly
-MAX_SUB_BLOCKS = 1024
-# The pass-1 threshold is ranked among THRESHOLD_SUB_BLOCKS * k coarser maxima.
+MIN_SUB_BLOCK = 32
+# The pass-1 threshold is ranked among about THRESHOLD_SUB_BLOCKS * k coarser maxima (cheaper to rank).
 THRESHOLD_SUB_BLOCKS = 8
-# Pass 2 scores windows of at most PASS2_SUB_BLOCKS sub-blocks, each for only the queries that selected it.
-PASS2_SUB_BLOCKS = 64
 # Candidates per query collected by pass 2, in multiples of k; a query with more is searched again densely.
 CANDIDATES = 4
 # Pass 1 on CPU scores in bf16 where the CPU has native bf16 dot products (avx512_bf16 / amx_bf16), else in fp32.
 # None = detect, True / False = force (pass 2 is always fp32, so the result is exact either way).
 APPROX_BF16: bool | None = None
 
+_BF16_UNIT = 2.0**-8  # unit roundoff of bf16 (8 significant bits)
+_FP32_UNIT = 2.0**-24
+
 
 @functools.cache
 def bf16_matmul_is_fast() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (then ~2.5x faster than fp32), read from /proc/cpuinfo."""
+    """Whether this CPU multiplies bf16 matrices natively (then 2-3x faster than fp32), read from /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -67,34 +78,20 @@ def bf16_matmul_is_fast() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-@contextlib.contextmanager
-def _threads(num: int):
-    """Run torch ops with `num` intra-op threads (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(num)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def choose_block_size(num_queries: int, budget_bytes: int | None = None) -> int:
-    """Memory slots per block such that the fp32 score block `[num_queries, block]` fits in `budget_bytes`.
+def choose_block_size(num_queries: int, budget_bytes: int | None = None, element_size: int = 4) -> int:
+    """Memory slots per block such that a score block of `num_queries` rows fits in `budget_bytes`.
 
     At least `MIN_BLOCK` (the caller then tiles the queries so that the block still fits the budget).
     """
     budget = BLOCK_BYTES if budget_bytes is None else budget_bytes
-    return max(budget // (4 * max(num_queries, 1)), MIN_BLOCK)
+    return max(budget // (element_size * max(num_queries, 1)), MIN_BLOCK)
 
 
 def choose_sub_block(n: int, k: int) -> int:
-    """Sub-block size (a power of two) for a memory of `n` slots: about 8 k sub-blocks within the bounds above
-    (small sub-blocks make pass 2 cheap, many of them make the pass-1 table large)."""
+    """Slots per group (a power of two) for a memory of `n` slots: about 8 k groups, within
+    `[MIN_SUB_BLOCK, SUB_BLOCK]` (small groups make pass 2 cheap, many of them make the table of maxima large)."""
     size = 1 << max(int(n // (8 * k)).bit_length() - 1, 0)  # largest power of two <= n / 8k
-    size = min(max(size, MIN_SUB_BLOCK), SUB_BLOCK)
-    while -(-n // size) > MAX_SUB_BLOCKS:
-        size *= 2
-    return size
+    return min(max(size, MIN_SUB_BLOCK), SUB_BLOCK)
 
 
 def exact_topk(
@@ -111,7 +108,7 @@ def exact_topk(
         keys: `[R, H, C, D]` memory keys (fp32, bf16 or fp16), on the same device as `queries`.
         lengths: `[R]` long, number of valid slots of every row (slots `[0, lengths[r])` are valid), any device.
         k: number of neighbours per query.
-        block_size: memory slots per block; by default derived from `BLOCK_BYTES` by `choose_block_size`.
+        block_size: memory slots per block of the dense search; by default derived from `BLOCK_BYTES`.
 
     Returns:
         `(scores, indices)`, both `[R, H, M, k]`: fp32 scores sorted in descending order and int64 slot indices.
@@ -132,80 +129,53 @@ def exact_topk(
         return scores, indices
 
     flat_keys = keys.reshape(R * H, C, D)
-    block = min(block_size or choose_block_size(R * H * M), n)
-    search, dtype = _search_dense, keys.dtype  # CUDA: native-dtype matmul with fp32 accumulation
-    if device.type == "cpu":
-        dtype = torch.float32
-        sub = choose_sub_block(n, k)
-        if -(-n // sub) >= k:  # else the memory is so small that the dense search is as fast
-            block = -(-block // sub) * sub
-            approx = bf16_matmul_is_fast() if APPROX_BF16 is None else APPROX_BF16
-            search = functools.partial(_search_two_pass, sub=sub, approx=approx, threads=torch.get_num_threads())
-    tile = max(1, min(M, BLOCK_BYTES // (4 * R * H * block)))
+    row_len = lengths.repeat_interleave(H)  # valid slots of every (row, head)
+    sub = choose_sub_block(n, k)
+    two_pass = device.type == "cpu" and -(-n // sub) >= k and M >= MIN_QUERIES
+    if two_pass:
+        approx = bf16_matmul_is_fast() if APPROX_BF16 is None else APPROX_BF16
+        element_size = 2 if approx else 4
+        tile = min(M, TILE_QUERIES, max(1, BLOCK_BYTES // (element_size * R * H * MIN_BLOCK)))
+    else:
+        block = min(block_size or choose_block_size(R * H * M), n)
+        tile = max(1, min(M, BLOCK_BYTES // (4 * R * H * block)))
     tile = -(-M // -(-M // tile))  # equal tiles
+    dense_dtype = keys.dtype if device.type == "cuda" else torch.float32  # CUDA: native-dtype matmuls
     for m0 in range(0, M, tile):
-        q = queries[:, :, m0 : m0 + tile].reshape(R * H, -1, D).to(dtype)
-        with _threads(1) if search is not _search_dense else contextlib.nullcontext():  # see _search_two_pass
-            s, i = search(q, flat_keys, lengths, n, lo, k, block)
+        q = queries[:, :, m0 : m0 + tile].reshape(R * H, -1, D)
+        if two_pass:
+            s, i = _search_two_pass(q.float(), flat_keys, row_len, n, lo, k, sub, approx)
+        else:
+            s, i = _search_dense(q.to(dense_dtype), flat_keys, row_len, n, lo, k, block)
         scores[:, :, m0 : m0 + tile] = s.view(R, H, -1, k)
         indices[:, :, m0 : m0 + tile] = i.view(R, H, -1, k)
     return scores, indices
 
 
-def _key_norms(keys: torch.Tensor, lengths: torch.Tensor, n: int, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Largest norm of the valid keys of every head, and of their bf16 rounding errors (0 unless `bf16`): `[R*H]`
-    each, computed in chunks of keys of at most a quarter of `BLOCK_BYTES` in fp32."""
-    R, RH = lengths.shape[0], keys.shape[0]
-    norm = torch.zeros(RH, device=keys.device)
-    error = torch.zeros(RH, device=keys.device)
-    step = max(1, BLOCK_BYTES // (16 * RH * keys.shape[2]))
-    for j0 in range(0, n, step):
-        block_keys = keys[:, j0 : min(j0 + step, n)].float()
-        invalid = torch.arange(j0, j0 + block_keys.shape[1], device=keys.device) >= lengths[:, None]  # [R, width]
-        invalid = invalid.repeat_interleave(RH // R, dim=0)  # [RH, width]
-        norms = torch.linalg.vector_norm(block_keys, dim=-1).masked_fill_(invalid, 0.0)  # also clears stale NaN
-        norm = torch.maximum(norm, norms.amax(dim=1))
-        if bf16:
-            errors = torch.linalg.vector_norm(block_keys - block_keys.bfloat16().float(), dim=-1)
-            error = torch.maximum(error, errors.masked_fill_(invalid, 0.0).amax(dim=1))
-    return norm, error
-
-
-def _score_block(
-    q: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, j0: int, width: int, lo: int, out: torch.Tensor
-) -> torch.Tensor:
-    """Scores `[R*H, T, width]` (in `q.dtype`) of queries `q [R*H, T, D]` against slots `[j0, j0 + width)`.
-
-    Written into `out` (a preallocated buffer, to avoid page faults of fresh large allocations) when it has the
-    right width. Slots past a row's length get `-inf`.
-    """
-    block_keys = keys[:, j0 : j0 + width].to(q.dtype)
-    if out.shape[-1] == width:
-        s = torch.bmm(q, block_keys.transpose(1, 2), out=out)
-    else:
-        s = torch.bmm(q, block_keys.transpose(1, 2))
-    if j0 + width > lo:  # some row ends inside this block
-        invalid = torch.arange(j0, j0 + width, device=q.device) >= lengths[:, None]  # [R, width]
-        s.view(lengths.shape[0], -1, width).masked_fill_(invalid[:, None, :], float("-inf"))
-    return s
+def _invalid_slots(row_len: torch.Tensor, j0: int, width: int, lo: int) -> torch.Tensor | None:
+    """`[RH, width]` bool: which of the slots `[j0, j0 + width)` lie past their head's row length (None: none do)."""
+    if j0 + width <= lo:
+        return None
+    return torch.arange(j0, j0 + width, device=row_len.device) >= row_len[:, None]
 
 
 def _search_dense(
-    q: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, n: int, lo: int, k: int, block: int
+    q: torch.Tensor, keys: torch.Tensor, row_len: torch.Tensor, n: int, lo: int, k: int, block: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running top-k with one `topk` per block: no data-dependent control flow (no host synchronisation)."""
+    """Running top-k of `q [RH, T, D]` with one `topk` per block of slots: no data-dependent shapes (no host
+    synchronisation on CUDA). Returns fp32 scores and slots, `[RH * T, k]`."""
     RH, T, _ = q.shape
     top_s = torch.full((RH * T, k), float("-inf"), device=q.device)
     top_i = torch.full((RH * T, k), -1, dtype=torch.long, device=q.device)
-    buffer = torch.empty(RH, T, block, dtype=q.dtype, device=q.device)
     for j0 in range(0, n, block):
         width = min(block, n - j0)
-        s = _score_block(q, keys, lengths, j0, width, lo, buffer).view(RH * T, width).float()
-        block_s, block_i = s.topk(min(k, width), dim=1)
-        cat_s = torch.cat([top_s, block_s], dim=1)
-        cat_i = torch.cat([top_i, block_i + j0], dim=1)
-        top_s, pos = cat_s.topk(k, dim=1)
-        top_i = cat_i.gather(1, pos)
+        s = torch.bmm(q, keys[:, j0 : j0 + width].to(q.dtype).transpose(1, 2))  # [RH, T, width]
+        invalid = _invalid_slots(row_len, j0, width, lo)
+        if invalid is not None:
+            s.masked_fill_(invalid[:, None, :], float("-inf"))
+        block_s, block_i = s.view(RH * T, width).float().topk(min(k, width), dim=1)
+        top_s, pos = torch.cat([top_s, block_s], dim=1).topk(k, dim=1)
+        top_i = torch.cat([top_i, block_i + j0], dim=1).gather(1, pos)
     top_i.masked_fill_(top_s == float("-inf"), -1)
     return top_s, top_i
 
@@ -213,150 +183,174 @@ def _search_dense(
 def _search_two_pass(
     q: torch.Tensor,
     keys: torch.Tensor,
-    lengths: torch.Tensor,
+    row_len: torch.Tensor,
     n: int,
     lo: int,
     k: int,
-    block: int,
     sub: int,
     approx: bool,
-    threads: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two-pass search of fp32 queries `q [R*H, T, D]` (see the module docstring); `block % sub == 0`.
+    """Two-pass exact search of fp32 queries `q [RH, T, D]` in `keys [RH, C, D]` (see the module docstring).
 
-    Called with one intra-op thread: only the matmuls use `threads` threads. The other ops are cheap, and each
-    multi-threaded op pays a thread synchronisation, which dominates for small ops and becomes very slow when the
-    cores are shared with other processes (measured: 2-10x slower calls on a busy 2-core machine).
-
-    Pass 1 scores everything (in bf16 if `approx`, else fp32) and keeps every query's maximum over every
-    sub-block of `sub` slots. The k-th largest of these maxima gives a lower bound `low` of the query's k-th best
-    fp32 score. Pass 2 scores in fp32 only the (query, sub-block) pairs whose maximum can reach `low`, collects
-    the scores >= `low` (typically little more than k per query) and returns their top-k.
+    Returns fp32 scores and slots, `[RH * T, k]`.
     """
     RH, T, D = q.shape
-    Q, R, device, ninf = RH * T, lengths.shape[0], q.device, float("-inf")
-    ninf_t = torch.tensor(ninf, device=device)
-    q1 = q.to(torch.bfloat16) if approx else q
+    Q, ninf = RH * T, float("-inf")
+    low, selected, short = _pass1_bound(q, keys, row_len, n, lo, k, sub, approx)
 
-    key_norm, key_error = _key_norms(keys, lengths, n, approx)
+    # Pass 2: the (head, group, query) pairs to rescore, sorted by group. Each group's keys are scored against its
+    # queries in one matmul; groups selected by many queries are split into chunks of `size` queries, so that
+    # padding every chunk to `size` rows at most doubles the work.
+    head, group, token = selected.nonzero(as_tuple=True)
+    del selected
+    query = head * T + token
+    num_groups = -(-n // sub)
+    _, per_group = torch.unique_consecutive(head * num_groups + group, return_counts=True)
+    size = max(1, -(-head.numel() // max(per_group.numel(), 1)))
+    chunks = -(-per_group // size)
+    first_pair = per_group.cumsum(0) - per_group
+    first_chunk = chunks.cumsum(0) - chunks
+    of_pair = torch.repeat_interleave(torch.arange(per_group.numel()), per_group)  # each pair's group
+    rank = torch.arange(head.numel()) - first_pair[of_pair]
+    chunk = first_chunk[of_pair] + rank // size  # non-decreasing
+    place = chunk * size + rank % size  # row of every pair in the padded batch
+    lead = first_pair[torch.repeat_interleave(torch.arange(per_group.numel()), chunks)]  # a pair of every chunk
+    chunk_head, chunk_group = head[lead], group[lead]
 
-    # Pass 1: maximum score of every query over every sub-block.
-    num_sub = -(-n // sub)
-    sub_max = torch.empty(Q, num_sub, device=device)
-    buffer = torch.empty(RH, T, block, dtype=q1.dtype, device=device)
-    buffer32 = torch.empty(Q, block, device=device) if approx else None  # amax of bf16 is slow: convert first
-    for j0 in range(0, n, block):
-        width = min(block, n - j0)
-        with _threads(threads):
-            s = _score_block(q1, keys, lengths, j0, width, lo, buffer).view(Q, width)
-        if approx:
-            s = buffer32[:, :width].copy_(s)
-        if width % sub:  # last block: pad with -inf to whole sub-blocks
-            s = torch.nn.functional.pad(s, (0, sub - width % sub), value=ninf)
-        sub_max[:, j0 // sub : j0 // sub + -(-width // sub)] = s.reshape(Q, -1, sub).amax(dim=2)
-
-    del buffer, buffer32, s
-
-    # k sub-blocks have a pass-1 score >= g (the k-th largest maximum), so k fp32 scores are >= low = g - u|g| - e,
-    # u = 2^-8 the relative rounding of the bf16 output and e a bound of |pass-1 score before that rounding - fp32
-    # score|: q.k - q'.k' = (q - q').k + q'.(k - k') for the bf16-rounded q', k', plus fp32 accumulation errors
-    # (<= D 2^-24 |q| |k| each). A pass-2 score s >= low needs a pass-1 score >= rn(low - e) in its sub-block.
-    q_norm = torch.linalg.vector_norm(q, dim=-1).view(Q)
-    e = 3 * D * 2.0**-24 * q_norm * key_norm.repeat_interleave(T) + D * 2.0**-120  # (+ underflows)
-    if approx:
-        q_error = torch.linalg.vector_norm(q - q1.float(), dim=-1).view(Q)
-        e += q_error * key_norm.repeat_interleave(T) + (q_norm + q_error) * key_error.repeat_interleave(T)
-    # The threshold comes from coarser maxima (over THRESHOLD_SUB_BLOCKS * k sub-blocks, cheaper to rank): their
-    # k-th largest is a (slightly lower) lower bound too, as the k largest are maxima of disjoint sets.
-    coarse = max(num_sub // (THRESHOLD_SUB_BLOCKS * k), 1)
-    coarse_max = torch.nn.functional.pad(sub_max, (0, -num_sub % coarse), value=ninf).view(Q, -1, coarse).amax(2)
-    g = coarse_max.kthvalue(coarse_max.shape[1] - k + 1, dim=1).values.float()
-    low = g - e - (2.0**-8 * g.abs() if approx else 0.0)  # -inf where fewer than k sub-blocks are non-empty
-    threshold = (low - e).to(q1.dtype).float() if approx else low - e  # rn(low - e)
-    selected = sub_max >= threshold[:, None]  # [Q, num_sub]: sub-blocks to score in pass 2
-    short = torch.isneginf(low)  # rows with fewer than k non-empty coarse sub-blocks: searched densely below
-    selected.masked_fill_(short[:, None], False)
-    low = torch.nextafter(low, ninf_t)  # "> low" is now ">= the bound", and never admits -inf
-
-    # Pass 2: fp32 scores of the selected (query, sub-block) pairs, a window of sub-blocks at a time: one batched
-    # matmul whose batch is (head, sub-block), each with the queries that selected it, padded to the most. Windows
-    # are planned so that the padded queries and scores fit the byte budget (at most PASS2_SUB_BLOCKS sub-blocks).
+    # Windows of whole chunks whose padded queries, keys and scores fit PASS2_BYTES.
+    per_window = max(1, PASS2_BYTES // (4 * (size * D + sub * D + size * sub)))
+    bounds = torch.arange(0, int(chunks.sum()) + per_window, per_window).clamp(max=int(chunks.sum()))
+    pair_bounds = torch.searchsorted(chunk, bounds).tolist()
+    flat_q, flat_keys, slots = q.reshape(Q, D), keys.reshape(-1, D), torch.arange(sub)
     cap = CANDIDATES * k
-    cand_s = torch.full((Q, cap), ninf, device=device)
-    cand_i = torch.full((Q, cap), -1, dtype=torch.long, device=device)
-    count = torch.zeros(Q, dtype=torch.long, device=device)
-    overflow = short  # queries to search densely
-    flat_q = q.reshape(Q, D)
-    most = selected.view(RH, T, num_sub).sum(dim=1).amax(dim=0).tolist()  # most queries of a head per sub-block
-    windows, first, pad = [], 0, 0
-    for b, p in enumerate(most):
-        size = RH * (b - first + 1) * (max(pad, p) * (D + sub) + 2 * sub * D) * 4  # padded queries, scores, keys
-        if b > first and (b - first == PASS2_SUB_BLOCKS or size > BLOCK_BYTES):
-            windows.append((first, b))
-            first, pad = b, 0
-        pad = max(pad, p)
-    windows.append((first, num_sub))
-    for first, last in windows:
-        j0, nb = first * sub, last - first
-        width = min(nb * sub, n - j0)
-        r, c = selected[:, first:last].nonzero(as_tuple=True)  # pairs, sorted by query
-        if r.numel() == 0:
+    count = torch.zeros(Q, dtype=torch.long)
+    overflow = short
+    found_q, found_s, found_i = [], [], []
+    for c0, c1, p0, p1 in zip(bounds[:-1].tolist(), bounds[1:].tolist(), pair_bounds[:-1], pair_bounds[1:]):
+        if p0 == p1:
             continue
-        group = (r // T) * nb + c  # (head, sub-block) of every pair
-        order = group.argsort(stable=True)
-        per_group = torch.bincount(group, minlength=RH * nb)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.numel(), device=device) - (per_group.cumsum(0) - per_group)[group[order]]
-        # Groups with many queries are split into chunks of `size` queries (each with a copy of its keys), so that
-        # padding every chunk to `size` wastes little.
-        size = -(-r.numel() // int((per_group > 0).sum()))  # mean queries per non-empty group
-        chunks = -(-per_group // size)
-        chunk = (chunks.cumsum(0) - chunks)[group] + rank // size  # chunk of every pair
-        place = chunk * size + rank % size  # row of every pair in the padded batch
-        packed = torch.zeros(int(chunks.sum()) * size, D, device=device)
-        packed.index_copy_(0, place, flat_q.index_select(0, r))
-        block_keys = keys[:, j0 : j0 + width].float()
-        if width % sub:  # last block: pad with zero keys to whole sub-blocks (masked below)
-            block_keys = torch.nn.functional.pad(block_keys, (0, 0, 0, nb * sub - width))
-        chunk_keys = block_keys.reshape(RH * nb, sub, D).repeat_interleave(chunks, dim=0)
-        with _threads(threads):
-            s = torch.bmm(packed.view(-1, size, D), chunk_keys.transpose(1, 2))  # [chunks, size, sub]
-        seg = s.view(-1, sub).index_select(0, place)  # [pairs, sub]
-        if j0 + nb * sub > lo:  # mask slots past each pair's row length
-            slot = j0 + c[:, None] * sub + torch.arange(sub, device=device)
-            seg.masked_fill_(slot >= lengths[r // (T * RH // R), None], ninf)
-        a, m = (seg > low[r, None]).nonzero(as_tuple=True)
-        rows, vals, slots = r[a], seg[a, m], j0 + c[a] * sub + m  # rows come out sorted
-        new = torch.bincount(rows, minlength=Q)
-        full = count + new > cap
-        if bool(full.any()):  # too many candidates (e.g. many equal scores): such queries are searched densely
-            overflow |= full
-            new.masked_fill_(overflow, 0)
-            keep = ~overflow[rows]
-            rows, vals, slots = rows[keep], vals[keep], slots[keep]
-        pos = count[rows] + torch.arange(rows.numel(), device=device) - (new.cumsum(0) - new)[rows]
-        cand_s[rows, pos], cand_i[rows, pos] = vals, slots
-        count += new
+        rows = place[p0:p1] - c0 * size
+        packed = torch.zeros((c1 - c0) * size, D)
+        packed.index_copy_(0, rows, flat_q.index_select(0, query[p0:p1]))
+        key_slots = (chunk_group[c0:c1, None] * sub + slots).clamp_(max=keys.shape[1] - 1)  # [chunks, sub]
+        chunk_keys = flat_keys.index_select(0, (chunk_head[c0:c1, None] * keys.shape[1] + key_slots).flatten())
+        s = torch.bmm(packed.view(-1, size, D), chunk_keys.float().view(-1, sub, D).transpose(1, 2))
+        s = s.view(-1, sub).index_select(0, rows)  # [pairs, sub], in pair order
+        pair_head, pair_group, pair_query = head[p0:p1], group[p0:p1], query[p0:p1]
+        if (int(pair_group.max()) + 1) * sub > lo:  # some group reaches past a row's end
+            s.masked_fill_(pair_group[:, None] * sub + slots >= row_len[pair_head, None], ninf)
+        a, m = (s >= low[pair_query, None]).nonzero(as_tuple=True)
+        hit_q = pair_query[a]
+        count += torch.bincount(hit_q, minlength=Q)
+        overflow = overflow | (count > cap)  # too many candidates (e.g. many equal scores): searched densely
+        keep = ~overflow[hit_q]
+        found_q.append(hit_q[keep])
+        found_s.append(s[a, m][keep])
+        found_i.append((pair_group[a] * sub + m)[keep])
 
-    width = max(int(count.max()), 1)
-    scores = torch.full((Q, k), ninf, device=device)
-    indices = torch.full((Q, k), -1, dtype=torch.long, device=device)
-    top_s, pos = cand_s[:, :width].topk(min(k, width), dim=1)
-    scores[:, : pos.shape[1]], indices[:, : pos.shape[1]] = top_s, cand_i.gather(1, pos)
-    indices.masked_fill_(scores == ninf, -1)
+    # The top-k of every query's candidates: sort by score, then stably by query, and keep the first k of each.
+    scores = torch.full((Q, k), ninf)
+    indices = torch.full((Q, k), -1, dtype=torch.long)
+    if found_q:
+        hit_q, hit_s, hit_i = torch.cat(found_q), torch.cat(found_s), torch.cat(found_i)
+        keep = ~overflow[hit_q]  # queries that overflowed after some of their candidates were kept
+        hit_q, hit_s, hit_i = hit_q[keep], hit_s[keep], hit_i[keep]
+        order = hit_s.argsort(descending=True, stable=True)
+        order = order[hit_q[order].argsort(stable=True)]
+        hit_q, hit_s, hit_i = hit_q[order], hit_s[order], hit_i[order]
+        per_query = torch.bincount(hit_q, minlength=Q)
+        place = torch.arange(hit_q.numel()) - (per_query.cumsum(0) - per_query)[hit_q]
+        top = place < k
+        scores[hit_q[top], place[top]] = hit_s[top]
+        indices[hit_q[top], place[top]] = hit_i[top]
 
     redo = overflow.nonzero().squeeze(1)
     if redo.numel():  # dense search of these queries, packed per head, padded with copies of a query
-        head, tok = redo // T, redo % T
-        per_head = torch.bincount(head, minlength=RH)
-        slot = torch.arange(redo.numel(), device=device) - (per_head.cumsum(0) - per_head)[head]
-        sub_q = q[:, :1].expand(RH, int(per_head.max()), D).clone()
-        sub_q[head, slot] = q[head, tok]
-        n_redo = min(n, int(lengths[head // (RH // R)].max()))  # often short rows: scan only their length
-        s, i = _search_dense(sub_q, keys, lengths, n_redo, lo, k, block)
-        scores[redo] = s.view(RH, -1, k)[head, slot]
-        indices[redo] = i.view(RH, -1, k)[head, slot]
+        redo_head, redo_token = redo // T, redo % T
+        per_head = torch.bincount(redo_head, minlength=RH)
+        slot = torch.arange(redo.numel()) - (per_head.cumsum(0) - per_head)[redo_head]
+        redo_q = q[:, :1].expand(RH, int(per_head.max()), D).clone()
+        redo_q[redo_head, slot] = q[redo_head, redo_token]
+        n_redo = min(n, int(row_len[redo_head].max()))  # often short rows: scan only their length
+        block = min(choose_block_size(redo_q.shape[0] * redo_q.shape[1]), n_redo)
+        s, i = _search_dense(redo_q, keys, row_len, n_redo, lo, k, block)
+        scores[redo] = s.view(RH, -1, k)[redo_head, slot]
+        indices[redo] = i.view(RH, -1, k)[redo_head, slot]
     return scores, indices
+
+
+def _pass1_bound(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    row_len: torch.Tensor,
+    n: int,
+    lo: int,
+    k: int,
+    sub: int,
+    approx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass 1 of `_search_two_pass`: every query's lower bound `low` `[RH * T]` of its k-th best fp32 score, the
+    groups to rescore (`[RH, groups, T]` bool) and the queries to search densely instead (`[RH * T]` bool: fewer
+    than k non-empty groups)."""
+    RH, T, D = q.shape
+    dtype = torch.bfloat16 if approx else torch.float32
+    q1 = q.to(dtype)
+    num_groups = -(-n // sub)
+    coarse = max(num_groups // (THRESHOLD_SUB_BLOCKS * k), 1)  # groups per coarse maximum
+    maxima = torch.empty(RH, -(-num_groups // coarse) * coarse, T, dtype=dtype)
+    maxima[:, num_groups:] = float("-inf")
+    block = max(choose_block_size(RH * T, element_size=q1.element_size()) // sub, 1) * sub
+    buffer = torch.empty(RH * min(block, num_groups * sub) * T, dtype=dtype)  # reused: no page faults per block
+    for j0 in range(0, n, block):
+        width = min(block, n - j0)
+        padded = -(-width // sub) * sub
+        block_keys = keys[:, j0 : j0 + width].to(dtype)
+        if padded > width:  # last block: zero keys up to whole groups (they lie past every row's end: masked)
+            block_keys = torch.nn.functional.pad(block_keys, (0, 0, 0, padded - width))
+        s = torch.bmm(block_keys, q1.transpose(1, 2), out=buffer[: RH * padded * T].view(RH, padded, T))
+        invalid = _invalid_slots(row_len, j0, padded, lo)
+        if invalid is not None:
+            s.masked_fill_(invalid[:, :, None], float("-inf"))
+        torch.amax(s.view(RH, padded // sub, sub, T), dim=2, out=maxima[:, j0 // sub : (j0 + padded) // sub])
+    del buffer
+
+    # k groups have a pass-1 score >= g (the k-th largest group maximum), and so, for each, some slot whose fp32
+    # score s is >= low = g - c|g| - e. Here c|g| bounds the rounding of the bf16 output and e bounds
+    # |s - (pass-1 score before that rounding)| <= |q - q'| |k| + |q'| |k - k'| + fp32 accumulation errors of both
+    # passes (<= D u |q| |k| each, plus denormals flushed by bf16 dot products), for the bf16-rounded q', k'.
+    # The threshold is ranked among coarser maxima (cheaper): their k-th largest is a lower bound too.
+    coarse_max = maxima.view(RH, -1, coarse, T).amax(dim=2) if coarse > 1 else maxima
+    g = coarse_max.float().kthvalue(coarse_max.shape[1] - k + 1, dim=1).values.view(RH * T)
+    key_norm = _max_key_norms(keys, row_len, n).repeat_interleave(T)
+    q_norm = torch.linalg.vector_norm(q, dim=-1).view(RH * T)
+    gamma = D * _FP32_UNIT / (1 - D * _FP32_UNIT)
+    e = 2 * gamma * q_norm * key_norm + D * 2.0**-120
+    c = 0.0
+    if approx:
+        key_unit = 0.0 if keys.dtype == torch.bfloat16 else _BF16_UNIT  # bf16 keys are exact in pass 1
+        q1_norm = torch.linalg.vector_norm(q1.float(), dim=-1).view(RH * T)
+        q_error = torch.linalg.vector_norm(q - q1.float(), dim=-1).view(RH * T)
+        e = e + key_norm * (q_error + key_unit * q1_norm + gamma * key_unit * q1_norm)
+        c = _BF16_UNIT / (1 - _BF16_UNIT)
+    slack = 2.0**-20  # covers the fp32 rounding of the few operations below
+    low = g - c * g.abs() - e
+    low = low - slack * (g.abs() + e)
+    # A slot with s >= low has a pass-1 score >= round(low - e) (rounding is monotonic): select its group.
+    threshold = low - e
+    threshold = (threshold - slack * (threshold.abs() + e)).to(dtype).view(RH, 1, T)
+    short = torch.isneginf(g)  # fewer than k non-empty coarse groups: searched densely
+    selected = maxima[:, :num_groups] >= threshold
+    selected.masked_fill_(short.view(RH, 1, T), False)
+    return low, selected, short
+
+
+def _max_key_norms(keys: torch.Tensor, row_len: torch.Tensor, n: int) -> torch.Tensor:
+    """An upper bound of the largest norm of the valid keys of every head, `[RH]` fp32 (stale slots, which may hold
+    anything, are ignored)."""
+    norms = torch.linalg.vector_norm(keys[:, :n], dim=-1).float()  # output rounded to the keys' dtype
+    norms.masked_fill_(torch.arange(n, device=keys.device) >= row_len[:, None], 0.0)
+    rounding = torch.finfo(keys.dtype).eps + keys.shape[-1] * _FP32_UNIT  # output rounding + fp32 accumulation
+    return norms.amax(dim=1) * (1 + 2 * rounding)
 
 
 class ExactBackend:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
 
 import pytest
@@ -66,6 +67,22 @@ TINY_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
         attention_dropout=0.0,
     ),
 }
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A character-level tokenizer for the tiny models: ids 0-2 are <unk>, <s> and </s> (the tiny Llama's BOS and EOS),
+    ids 3-95 are whitespace, letters, digits and punctuation. It saves and loads like any Hub tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    characters = " \n" + string.ascii_letters + string.digits + "()[]{}:.,_=+-*/'\"#<>!?@%&;|~"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({character: 3 + index for index, character in enumerate(characters[: VOCAB - 3])})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def tiny_base(arch: str = "llama", seed: int = 0) -> transformers.PreTrainedModel:

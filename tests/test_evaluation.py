@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from memorizing_hf.evaluation import streaming_perplexity
+from memorizing_hf.evaluation import Setting, setting_perplexity, streaming_perplexity, with_setting
 
 from .conftest import tiny_base, tiny_memorizing
 
@@ -51,6 +51,44 @@ def test_memory_mode_reads_a_fresh_memory_and_leaves_it_empty() -> None:
     assert math.isclose(segment_only.nll, base_only.nll, rel_tol=1e-6)
     assert with_memory.tokens == segment_only.tokens == 3 * 15
     assert with_memory.nll != segment_only.nll
+
+
+@torch.no_grad()
+def test_correct_marks_the_scored_positions_whose_token_was_the_top_prediction() -> None:
+    base = tiny_base("llama")
+    ids = torch.randint(3, 96, (40,), generator=torch.Generator().manual_seed(0))
+    result = streaming_perplexity(base, ids, segment_length=16, mode="segment", progress=False)
+    assert sorted(result.correct) == [p for p in range(16, 40) if p % 16 != 0]
+    top = base(ids[16:32].unsqueeze(0)).logits[0].argmax(-1)
+    assert [result.correct[p] for p in range(17, 32)] == (top[:-1] == ids[17:32]).tolist()
+
+
+def test_setting_labels_follow_table_4() -> None:
+    assert Setting().label(512) == "512 / - / -"
+    assert Setting(8192, xl_cache=True).label(512) == "512 / 8192 / 512"
+    assert Setting(window=1024).label(512) == "1024 (window) / - / -"
+
+
+@torch.no_grad()
+def test_settings_share_the_weights_and_memory_size_0_is_the_xl_cache_alone() -> None:
+    model = tiny_memorizing("llama", memory_size=64, combine="gate").eval()
+    ids = torch.randint(3, 96, (80,), generator=torch.Generator().manual_seed(0))
+    xl_only = with_setting(model, Setting(0, xl_cache=True))
+    assert xl_only.language_model is model.language_model and xl_only.config.xl_cache and not model.config.xl_cache
+    result = setting_perplexity(model, ids, Setting(0, xl_cache=True), 16, progress=False)
+    # Reference: the same model with real memory but its gates shut (sigmoid(-1e4) = 0): local attention + XL only.
+    shut = with_setting(model, Setting(64, xl_cache=True))
+    shut.knn_attention["1"].gate_bias.fill_(-1e4)
+    reference = streaming_perplexity(shut, ids, 16, progress=False)
+    assert math.isclose(result.nll, reference.nll, rel_tol=1e-6)
+    assert result.nll != setting_perplexity(model, ids, Setting(), 16, progress=False).nll  # XL changes something
+    # Memory sizes: the same as reading with a model built with that size.
+    sized = tiny_memorizing("llama", memory_size=32, combine="gate").eval()
+    assert math.isclose(
+        setting_perplexity(model, ids, Setting(32), 16, progress=False).nll,
+        streaming_perplexity(sized, ids, 16, progress=False).nll,
+        rel_tol=1e-6,
+    )
 
 
 def test_bad_modes_are_refused() -> None:

@@ -111,7 +111,8 @@ def test_every_shipped_recipe_is_valid() -> None:
         (
             {"data": {"segment_len": 8}},
             [],
-            r"unknown key data\.segment_len \(did you mean segment_length\b.*allowed in data: eval_documents, ",
+            r"unknown key data\.segment_len \(did you mean segment_length\b.*"
+            r"allowed in data: documents_per_source, eval_documents, ",
         ),
         (
             {"training": {"max_step": 3}},

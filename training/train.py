@@ -8,9 +8,13 @@ A recipe has four sections (training/README.md explains them with the recipes in
     model:    pretrained: smollm2 or a local checkpoint folder  |  config: a transformers config, trained from scratch
               tokenizer: bytes, smollm2 or a folder (default: the pretrained model's)
               trainable: regexes of the parameter names to train (default: all)
-    memory:   MemorizingConfig fields (memory_layers, memory_size, memory_top_k, combine, gate_init, ...)
-    data:     source: stdlib, hol_light, austen, latex, python_docs or a folder (with pattern: a glob)
-              segment_length; max_documents, min_tokens, max_tokens; eval_documents (held out, by document); shuffle
+    memory:   MemorizingConfig fields (memory_layers, memory_size, memory_top_k, combine, gate_init, ...), and
+              learning_rate: of the memory layers' own parameters (gate, scale); memory_layers: [] trains the base
+              model without memory (the fair baseline: same data, steps and seed)
+    data:     source: stdlib, hol_light, austen, latex, python_docs or a folder (with pattern: a glob), or a list
+              split: train or held_out (of the corpora prepared by memorizing_hf.corpora), or none: all documents
+              segment_length; max_documents, min_tokens, max_tokens, documents_per_source; eval_documents (held out,
+              by document); shuffle
     training: TrainingArguments fields (output_dir, max_steps, per_device_train_batch_size, learning_rate, ...)
 
 Overrides on the command line use the same names: `training.max_steps=10 data.source=./my_texts`.
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 import yaml
 from transformers import (
@@ -35,6 +40,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     ByT5Tokenizer,
+    PreTrainedModel,
+    Trainer,
     TrainerCallback,
     TrainingArguments,
     set_seed,
@@ -42,6 +49,7 @@ from transformers import (
 
 from memorizing_hf import MemorizingConfig, MemorizingForCausalLM, sources
 from memorizing_hf.callbacks import MemorizingTrainer
+from memorizing_hf.corpora import load_split
 from memorizing_hf.data import CORPORA, DocumentStreams, collate_segments, load_documents, tokenize_documents
 
 DEFAULTS = {
@@ -49,11 +57,13 @@ DEFAULTS = {
     "memory": {},
     "data": {
         "source": None,
+        "split": None,
         "pattern": "**/*",
         "segment_length": 512,
         "max_documents": None,
         "min_tokens": 2,
         "max_tokens": None,
+        "documents_per_source": None,
         "eval_documents": 0,
         "shuffle": True,
     },
@@ -61,7 +71,8 @@ DEFAULTS = {
 }
 ALLOWED = {
     "model": set(DEFAULTS["model"]),
-    "memory": set(inspect.signature(MemorizingConfig.__init__).parameters) - {"self", "text_config", "kwargs"},
+    "memory": set(inspect.signature(MemorizingConfig.__init__).parameters) - {"self", "text_config", "kwargs"}
+    | {"learning_rate"},
     "data": set(DEFAULTS["data"]),
     "training": {field.name for field in dataclasses.fields(TrainingArguments) if field.init},
 }
@@ -102,8 +113,9 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(sources.smollm2_path() if name == "smollm2" else name)
 
 
-def build_model(spec: dict[str, Any], memory: dict[str, Any]) -> tuple[MemorizingForCausalLM, Any]:
-    """The memorizing model (pretrained or from scratch, then partly frozen) and its tokenizer."""
+def build_model(spec: dict[str, Any], memory: dict[str, Any]) -> tuple[PreTrainedModel, Any]:
+    """The memorizing model (pretrained or from scratch, then partly frozen) and its tokenizer; with
+    `memory_layers: []`, the base model itself (no memory)."""
     pretrained, config = spec["pretrained"], spec["config"]
     if (pretrained is None) == (config is None):
         raise ValueError("model: give exactly one of pretrained (smollm2 or a folder) or config (from scratch).")
@@ -117,9 +129,16 @@ def build_model(spec: dict[str, Any], memory: dict[str, Any]) -> tuple[Memorizin
         defaults["vocab_size"] = len(tokenizer)
         text_config = AutoConfig.for_model(config.pop("model_type"), **{**defaults, **config})
         base = AutoModelForCausalLM.from_config(text_config)
-    model = MemorizingForCausalLM.from_base_pretrained(base, **memory).train()
-    if spec["trainable"] is not None:
-        freeze_all_but(model, spec["trainable"])
+    memory = {key: value for key, value in memory.items() if key != "learning_rate"}
+    trainable = spec["trainable"]
+    if memory.get("memory_layers") == []:
+        model = base.train()
+        if trainable is not None:  # the same recipe without memory: patterns of memory parameters match nothing here
+            trainable = [pattern for pattern in trainable if not re.search(pattern, "knn_attention.0.gate_bias")]
+    else:
+        model = MemorizingForCausalLM.from_base_pretrained(base, **memory).train()
+    if trainable is not None:
+        freeze_all_but(model, trainable)
     return model, tokenizer
 
 
@@ -139,12 +158,10 @@ def build_data(
 ) -> tuple[DocumentStreams, DocumentStreams | None, list[str]]:
     """Training streams, evaluation streams (held-out documents, or None) and the held-out documents' names."""
     if spec["source"] is None:
-        raise ValueError(f"data.source is required: one of {', '.join(CORPORA)} or a folder.")
-    documents = load_documents(spec["source"], spec["pattern"])
-    if spec["max_documents"] is not None:
-        documents = documents.select(range(min(spec["max_documents"], len(documents))))
-    tokenized = tokenize_documents(documents, tokenizer, min_tokens=spec["min_tokens"], max_tokens=spec["max_tokens"])
+        raise ValueError(f"data.source is required: one of {', '.join(CORPORA)}, a folder, or a list of them.")
     seed = args.data_seed if args.data_seed is not None else args.seed
+    names = spec["source"] if isinstance(spec["source"], list) else [spec["source"]]
+    tokenized = datasets.concatenate_datasets([load_tokenized(name, spec, tokenizer, seed) for name in names])
     held_out_names: list[str] = []
     held_out = None
     if spec["eval_documents"]:
@@ -168,6 +185,23 @@ def build_data(
     return train, evaluation, held_out_names
 
 
+def load_tokenized(source: str, spec: dict[str, Any], tokenizer, seed: int) -> datasets.Dataset:
+    """The tokenized documents of one source: a split of its prepared corpus or all its documents, the first
+    `max_documents`, filtered and cut by length, then `documents_per_source` of them drawn with `seed`."""
+    if spec["split"] is not None:
+        documents = load_split(source, spec["split"])
+    else:
+        documents = load_documents(source, spec["pattern"])
+    if spec["max_documents"] is not None:
+        documents = documents.select(range(min(spec["max_documents"], len(documents))))
+    documents = documents.select_columns(["name", "text"])
+    tokenized = tokenize_documents(documents, tokenizer, min_tokens=spec["min_tokens"], max_tokens=spec["max_tokens"])
+    count = spec["documents_per_source"]
+    if count is not None and count < len(tokenized):
+        tokenized = tokenized.shuffle(seed=seed).select(range(count))
+    return tokenized
+
+
 class StepTimes(TrainerCallback):
     """Seconds of every optimizer step (forward, backward, update), written to `step_times.json` at the end."""
 
@@ -186,8 +220,8 @@ class StepTimes(TrainerCallback):
             (Path(args.output_dir) / "step_times.json").write_text(json.dumps(self.seconds))
 
 
-def build_trainer(config: dict[str, dict[str, Any]]) -> MemorizingTrainer:
-    """The model, the data and the trainer a recipe describes."""
+def build_trainer(config: dict[str, dict[str, Any]]) -> Trainer:
+    """The model, the data and the trainer a recipe describes (a plain `Trainer` for a model without memory)."""
     args = TrainingArguments(**config["training"])
     set_seed(args.seed)
     with args.main_process_first(desc="fetching the model and the documents"):
@@ -203,17 +237,20 @@ def build_trainer(config: dict[str, dict[str, Any]]) -> MemorizingTrainer:
             f"per epoch; {trainable:,} of {model.num_parameters():,} parameters trained",
             flush=True,
         )
-    return MemorizingTrainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        data_collator=collate_segments,
-        callbacks=[StepTimes()],
-    )
+    kwargs = {
+        "model": model,
+        "args": args,
+        "train_dataset": train,
+        "eval_dataset": evaluation,
+        "data_collator": collate_segments,
+        "callbacks": [StepTimes()],
+    }
+    if not isinstance(model, MemorizingForCausalLM):
+        return Trainer(**kwargs)
+    return MemorizingTrainer(**kwargs, memory_learning_rate=config["memory"].get("learning_rate"))
 
 
-def main(argv: list[str] | None = None) -> MemorizingTrainer:
+def main(argv: list[str] | None = None) -> Trainer:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         raise SystemExit(__doc__)
