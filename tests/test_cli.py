@@ -141,8 +141,23 @@ def test_help_lists_the_commands_and_runs_as_a_module() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "memorizing_hf.cli", "--help"], capture_output=True, text=True, check=True
     )
-    for command in ("convert", "memorize", "generate", "eval", "card"):
+    for command in ("convert", "memorize", "generate", "eval", "card", "train"):
         assert command in result.stdout
     with pytest.raises(SystemExit) as exit_info:
         main(["generate"])  # the model argument is missing: argparse's usage error
     assert exit_info.value.code == 2
+
+
+def test_train_runs_a_recipe_and_explains_a_missing_script(tmp_path, capsys, monkeypatch) -> None:
+    repository = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repository)  # training/train.py of the clone
+    overrides = [f"training.output_dir={tmp_path / 'run'}", "training.max_steps=2", "training.eval_strategy='no'"]
+    overrides += ["training.save_strategy='no'", "data.max_documents=12", "data.eval_documents=0"]
+    status, out, err = _run(capsys, "train", "configs/tiny_smoke.yaml", *overrides)
+    assert status == 0, err
+    assert json.loads((tmp_path / "run" / "step_times.json").read_text())  # the run's own output: two timed steps
+
+    status, _, err = _run(capsys, "train", "configs/tiny_smoke.yaml", "--script", tmp_path / "nowhere.py")
+    assert status == 1 and f"no training script at {tmp_path / 'nowhere.py'}: the recipes run training/train.py" in err
+    status, _, err = _run(capsys, "train", tmp_path / "missing.yaml")
+    assert status == 1 and f"no such file: {tmp_path / 'missing.yaml'}" in err
