@@ -149,7 +149,7 @@ def generate(args: argparse.Namespace) -> None:
     model = _load_model(args.model, memory=args.memory)
     tokenizer = _load_tokenizer(args.tokenizer or args.model)
     torch.manual_seed(args.seed)
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    inputs = tokenizer(prompt, return_tensors="pt", verbose=False).to(model.device)
     decoding = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.sample else {}
     model.generate(
         **inputs,
@@ -168,7 +168,8 @@ def evaluate(args: argparse.Namespace) -> None:
     """Perplexity of documents read in segments, with memories of several sizes (0: each segment alone)."""
     files = _existing_files(args.files)
     tokenizer = _load_tokenizer(args.tokenizer or args.model)
-    documents = [torch.tensor(tokenizer(sources.read_text(path))["input_ids"][: args.max_tokens]) for path in files]
+    texts = [sources.read_text(path) for path in files]
+    documents = [torch.tensor(tokenizer(text, verbose=False)["input_ids"][: args.max_tokens]) for text in texts]
     top_k = _memorizing_config(args.model).memory_top_k
     too_small = [size for size in args.memory_sizes if 0 < size < top_k]
     if too_small:  # from_pretrained(..., memory_size=size) sets the field without MemorizingConfig's validation

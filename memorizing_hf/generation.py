@@ -4,7 +4,8 @@ A memorizing model reads inputs of any length through a `MemorizingCache`: local
 sinks and a window of recent tokens; tokens that leave the window are written to the kNN memory of the memory
 layers. `generate()` sets this up, so prompts far longer than the window work at a bounded cost per token, and the
 memory persists between calls: what one call read (prompt and output) is retrievable by the next.
-`memorize()` streams documents into memory the same way, with a progress bar.
+`memorize()` streams documents into memory the same way, with a progress bar; so does a prompt of many windows
+(transformers' `disable_progress_bar()` silences it).
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationMixin
+from transformers.utils import logging
 
 from .cache import MemorizingCache
+
+PROGRESS_CHUNKS = 8  # inputs of at least this many windows are read with a progress bar
 
 
 class MemorizingGenerationMixin(GenerationMixin):
@@ -121,7 +125,9 @@ class MemorizingGenerationMixin(GenerationMixin):
         kwargs.pop("cache_position", None)  # logical positions of the full sequence: the cache is physical
         kwargs.pop("use_cache", None)
         outputs, logits = None, []
-        for start in range(0, tokens, cache.window):
+        chunks = range(0, tokens, cache.window)
+        quiet = len(chunks) < PROGRESS_CHUNKS
+        for start in logging.tqdm(chunks, desc="reading", unit="window", disable=quiet, leave=False):
             end = min(start + cache.window, tokens)
             chunk_real = real[:, start:end]
             chunk_ids = input_ids[:, start:end] if input_ids is not None else None
