@@ -37,8 +37,29 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/python -m ruff check .
 	$(VENV)/bin/python -m ruff format --check memorizing_hf
 
-bench: $(VENV)/.installed
-	$(VENV)/bin/python benchmarks/bench_retrieval.py
+# Benchmark-only extras: lucidrains' memorizing-transformers-pytorch 0.4.1 for the side-by-side comparison (its
+# metadata requires faiss-gpu, hence --no-deps and its real dependencies by hand), and faiss-cpu.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(VENV)/bin/python -m pip install -q faiss-cpu einops einops_exts filelock joblib
+	$(VENV)/bin/python -m pip install -q --no-deps memorizing-transformers-pytorch==0.4.1
+	touch $@
+
+# The whole suite (about 1.5-2 h on 2 busy cores; the first run also reads 262K tokens of real keys, ~30 min).
+# Timed comparisons use one torch thread. Results: benchmarks/results/*.json, docs/performance.md.
+bench: $(VENV)/.installed $(VENV)/.bench-installed
+	$(VENV)/bin/python benchmarks/bench_retrieval.py --threads 1
+	$(VENV)/bin/python benchmarks/real_keys.py --entries 262144
+	$(VENV)/bin/python benchmarks/bench_retrieval_scale.py --threads 1 --sizes 8192 65536 262144 1048576
+	$(VENV)/bin/python benchmarks/bench_retrieval_scale.py --threads 1 --normalize --sizes 65536 262144 \
+		--nprobe 4 8 16 32 64 --ef 16 64 256
+	$(VENV)/bin/python benchmarks/bench_training.py --models tiny lucidrains \
+		--out benchmarks/results/training_tiny_lucidrains.json
+	$(VENV)/bin/python benchmarks/bench_training.py --models smollm2 --out benchmarks/results/training_smollm2.json
+	$(VENV)/bin/python benchmarks/bench_training.py --models tiny lucidrains --interleave --sizes 8192 65536 262144 \
+		--backends nosearch exact ivf --out benchmarks/results/training_interleaved.json
+	$(VENV)/bin/python benchmarks/bench_memory_rss.py --sizes 8192 65536 262144 524288 1048576
+	$(VENV)/bin/python benchmarks/bench_matmul_fraction.py --threads 1
+	$(VENV)/bin/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) $(VENV_OLDEST) *.egg-info .pytest_cache .ruff_cache

@@ -169,6 +169,20 @@ def test_ivf_before_and_after_training():
 
 
 @needs_faiss
+def test_ivf_training_sample_and_iterations_are_passed_to_faiss():
+    """A capped training sample and fewer k-means iterations still give a trained index that holds every entry
+    under its slot id, and an exhaustive probe is still exact."""
+    gen = torch.Generator().manual_seed(3)
+    backend = FaissBackend("ivf", nlist=4, nprobe=4, train_points_per_list=40, train_iterations=2)
+    model = RingModel(backend, rows=1, heads=2, capacity=400, dim=8)
+    model.write([400], gen)
+    check_against_reference(model, torch.randn(1, 2, 6, 8, generator=gen), 8)
+    for index in backend._rows[0].indexes:
+        assert index.is_trained and index.ntotal == 400
+        assert index.cp.max_points_per_centroid == 40 and index.cp.niter == 2
+
+
+@needs_faiss
 def test_ivf_recall_on_clustered_data():
     """IVF is approximate: print recall@32 and latency, assert only a loose bound."""
     rng = np.random.default_rng(0)
@@ -227,6 +241,10 @@ def test_bad_arguments_and_gpu_selection():
         FaissBackend("hnsw")
     with pytest.raises(ValueError):
         FaissBackend("ivf", nprobe=0)
+    with pytest.raises(ValueError, match="train_points_per_list"):
+        FaissBackend("ivf", train_points_per_list=10)
+    with pytest.raises(ValueError, match="train_iterations"):
+        FaissBackend("ivf", train_iterations=0)
     import faiss
 
     if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
