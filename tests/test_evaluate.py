@@ -109,3 +109,19 @@ def test_unknown_document_keys_are_refused(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"documents": {"source": "x", "segment_length": 8}, "models": {}}))
     with pytest.raises(ValueError, match=r"unknown documents keys \['segment_length'\]"):
         evaluate.load_suite(path)
+
+
+def test_documents_can_be_named(tmp_path: Path) -> None:
+    suite = yaml.safe_load(write_suite(tmp_path).read_text())
+    code = str(tmp_path / "code")
+    spec = {**evaluate.DOCUMENT_DEFAULTS, **suite["documents"]}
+    name = split_record(code)["held_out"][0]
+    documents = evaluate.load_documents({**spec, "min_tokens": 2, "names": {code: [name]}})
+    assert [d["name"] for d in documents[code]] == [name] and len(documents[str(tmp_path / "prose")]) == 1
+    with pytest.raises(ValueError, match="not documents of"):
+        evaluate.load_documents({**spec, "names": {code: ["no_such_file.txt"]}})
+
+
+def test_the_shipped_table4_suite_loads() -> None:
+    suite = evaluate.load_suite(ROOT / "configs" / "eval_table4.yaml")
+    assert {"fine_tuned_memory", "fine_tuned_no_memory", "zero_shot"} <= set(suite["models"])

@@ -7,7 +7,8 @@
 A suite (YAML) names the documents and the models, and for each model the settings to read the documents with:
 
     documents:  source (corpus names, folders or saved data sets), split (held_out), tokenizer, min_tokens,
-                max_tokens, documents_per_source: as in training recipes (training/train.py)
+                max_tokens, documents_per_source: as in training recipes (training/train.py); names: {source: [document
+                names]} to read exactly these documents of a source (in that order) instead of drawing them
     segment_length: 512
     output_dir: docs/results/table4
     models:
@@ -53,6 +54,7 @@ DOCUMENT_DEFAULTS = {
     **{key: DEFAULTS["data"][key] for key in DOCUMENT_KEYS},
     "split": "held_out",
     "tokenizer": "smollm2",
+    "names": None,
 }
 
 
@@ -73,8 +75,25 @@ def load_suite(path: str | Path) -> dict[str, Any]:
 def load_documents(spec: dict[str, Any], seed: int = 0) -> dict[str, list[dict[str, Any]]]:
     """Corpus -> its documents ({"name", "input_ids"}), chosen and cut as training recipes choose them."""
     tokenizer = load_tokenizer(spec["tokenizer"])
-    names = spec["source"] if isinstance(spec["source"], list) else [spec["source"]]
-    return {str(name): list(load_tokenized(name, spec, tokenizer, seed)) for name in names}
+    sources_ = spec["source"] if isinstance(spec["source"], list) else [spec["source"]]
+    chosen = spec.get("names") or {}
+    documents = {}
+    for source in sources_:
+        wanted = chosen.get(str(source))
+        if wanted is None:
+            documents[str(source)] = list(load_tokenized(source, spec, tokenizer, seed))
+            continue
+        tokenized = {
+            d["name"]: d for d in load_tokenized(source, {**spec, "documents_per_source": None}, tokenizer, seed)
+        }
+        missing = [name for name in wanted if name not in tokenized]
+        if missing:
+            raise ValueError(
+                f"documents.names: {missing} are not documents of {source} (split {spec['split']}, "
+                f"min_tokens {spec['min_tokens']})."
+            )
+        documents[str(source)] = [tokenized[name] for name in wanted]
+    return documents
 
 
 def load_model(spec: dict[str, Any]) -> MemorizingForCausalLM:
@@ -214,6 +233,8 @@ def plot(rows: list[dict], corpora: list[str], path: Path) -> None:
     size (a recomputed window) as horizontal lines."""
     sizes = sorted({row["memory_size"] for row in rows if row["window"] is None})
     position = {size: index for index, size in enumerate(sizes)}
+    names = [_curve(row) for row in rows if row["window"] is None and row["perplexity"]]
+    colors = {name: f"C{index}" for index, name in enumerate(dict.fromkeys(names))}  # the same colour in every panel
     figure, axes = plt.subplots(1, len(corpora), figsize=(4.2 * len(corpora), 4), squeeze=False)
     for axis, corpus in zip(axes[0], corpora):
         lines: dict[str, list[tuple[int, float]]] = {}
@@ -230,22 +251,30 @@ def plot(rows: list[dict], corpora: list[str], path: Path) -> None:
                     va="bottom",
                 )
                 continue
-            curve = f"{row['label']}" + (", XL cache" if row["xl_cache"] else "")
-            lines.setdefault(curve, []).append((position[row["memory_size"]], row["perplexity"][corpus]))
+            lines.setdefault(_curve(row), []).append((position[row["memory_size"]], row["perplexity"][corpus]))
         for curve, points in lines.items():
             x, y = zip(*sorted(points))
-            axis.plot(x, y, "o-" if len(points) > 1 else "s", label=curve)
-        axis.set_xticks(range(len(sizes)), [f"{s // 1024}K" if s >= 1024 else str(s) for s in sizes])
+            axis.plot(x, y, "o-" if len(points) > 1 else "s", label=curve, color=colors[curve])
+        axis.set_xticks(range(len(sizes)), [f"{s / 1024:g}K" if s >= 1024 else str(s) for s in sizes])
         axis.set_xlabel("memory size (tokens)")
         axis.set_title(corpus)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("perplexity (held-out)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    legend = {}
+    for axis in axes[0]:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     figure.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8)
     figure.tight_layout(rect=(0, 0.12, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _curve(row: dict) -> str:
+    """The plot line a row belongs to: its model, with or without XL cache."""
+    return row["label"] + (", XL cache" if row["xl_cache"] else "")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

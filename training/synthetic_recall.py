@@ -43,7 +43,7 @@ DEFINITIONS = 16
 BUCKETS = [(1, 2), (2, 4), (4, 8), (8, 12), (12, 17)]  # distance ranges, in segments
 
 
-def document(rng: np.random.Generator, held_out: bool) -> tuple[str, list[tuple[int, int]]]:
+def document(rng: np.random.Generator, held_out: bool, filler: str = FILLER) -> tuple[str, list[tuple[int, int]]]:
     """One document and its queries as (position of the value to recall, position of the value's definition).
 
     Characters are tokens (byte-level tokenizer), so string positions are token positions. Definitions and queries
@@ -55,7 +55,7 @@ def document(rng: np.random.Generator, held_out: bool) -> tuple[str, list[tuple[
     """
     keys = rng.choice(list(KEYS), DEFINITIONS, replace=False)
     values = dict(zip(keys, rng.choice(list(VALUES), DEFINITIONS)))
-    text = list(rng.choice(list(FILLER), SEGMENT * SEGMENTS))
+    text = list(rng.choice(list(filler), SEGMENT * SEGMENTS))
     slots = [segment * SEGMENT + offset for segment in range(SEGMENTS) for offset in range(1, SEGMENT - 2, 4)]
     per_segment = len(slots) // SEGMENTS
     if held_out:
@@ -78,13 +78,15 @@ def document(rng: np.random.Generator, held_out: bool) -> tuple[str, list[tuple[
     return "".join(text), queries
 
 
-def write_documents(folder: Path, count: int, seed: int, held_out: bool) -> list[list[tuple[int, int]]]:
+def write_documents(
+    folder: Path, count: int, seed: int, held_out: bool, filler: str = FILLER
+) -> list[list[tuple[int, int]]]:
     """`count` documents as text files in `folder`, and their queries (see `document`)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     queries = []
     for index in range(count):
-        text, asked = document(rng, held_out)
+        text, asked = document(rng, held_out, filler)
         (folder / f"recall_{index:05d}.txt").write_text(text)
         queries.append(asked)
     return queries
@@ -112,15 +114,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, default=Path("docs/results"), help="recall.json/.md/.png go here")
     parser.add_argument("--train-documents", type=int, default=2000)
     parser.add_argument("--eval-documents", type=int, default=200)
+    parser.add_argument("--filler", default=FILLER, help="characters the filler is drawn from (default: digits, space)")
+    parser.add_argument("--max-steps", type=int, help="training steps of each model (default: the recipe's)")
     args = parser.parse_args(argv)
 
-    write_documents(args.work / "train", args.train_documents, seed=0, held_out=False)
-    held_out = write_documents(args.work / "held_out", args.eval_documents, seed=1, held_out=True)
+    write_documents(args.work / "train", args.train_documents, seed=0, held_out=False, filler=args.filler)
+    held_out = write_documents(args.work / "held_out", args.eval_documents, seed=1, held_out=True, filler=args.filler)
+    steps = [] if args.max_steps is None else [f"training.max_steps={args.max_steps}"]
     results = {}
     for name, overrides in [("memory", []), ("no memory", ["memory.memory_layers=[]"])]:
         run = args.work / name.replace(" ", "_")
         trainer = train.main(
-            [args.recipe, f"data.source={args.work / 'train'}", f"training.output_dir={run}", *overrides]
+            [args.recipe, f"data.source={args.work / 'train'}", f"training.output_dir={run}", *steps, *overrides]
         )
         model = trainer.model.eval()
         results[name] = {
