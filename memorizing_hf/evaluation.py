@@ -59,6 +59,7 @@ def streaming_perplexity(
     window: int | None = None,
     score_first_segment: bool = False,
     progress: bool | str = True,
+    keep_memory: bool = False,
 ) -> PerplexityResult:
     """Perplexity of one document `token_ids` `[n]` read in segments.
 
@@ -68,6 +69,7 @@ def streaming_perplexity(
             alone; on a memorizing model the memory is neither read nor written) or `"window"` (each segment scored
             with up to `window` tokens of context recomputed, e.g. 1024 = previous + current segment).
         score_first_segment: also score segment 0 (which has no earlier context in any mode).
+        keep_memory: leave the memory as reading the document left it (else it is cleared at the end).
     """
     if mode not in ("memory", "segment", "window"):
         raise ValueError(f"Unknown mode {mode!r}: choose 'memory', 'segment' or 'window'.")
@@ -96,7 +98,7 @@ def streaming_perplexity(
         if (index > 0 or score_first_segment) and count > 0:
             result.add(nll, count)
             result.correct.update(zip(range(start + 1, end), correct))
-    if memorizing:
+    if memorizing and not keep_memory:
         model.reset_memory()
     return result
 
