@@ -11,7 +11,6 @@ per head (SmolLM2-135M layer 21, `real_keys.py`; raw and L2-normalised), k=32. I
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
 from real_keys import CHECKPOINTS, cache_file, real_keys  # noqa: E402
 
 from memorizing_hf.retrieval import exact_topk  # noqa: E402
@@ -72,10 +72,7 @@ def main() -> None:
                   f"{100 * row['fraction_of_fp32']:.0f}%, of bf16 {100 * row['fraction_of_bf16']:.0f}%", flush=True)
     info = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "threads": args.threads,
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"info": info, "results": results}, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, info, results)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ GFLOP/s measured in the same run, and exact retrieval's nominal GFLOP/s (2 N M D
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
 from real_keys import CHECKPOINTS, cache_file, real_keys  # noqa: E402
 
 from memorizing_hf.memory import KNNMemory  # noqa: E402
@@ -229,10 +229,7 @@ def main() -> None:
         results.append(row)
     info["load_average_after"] = os.getloadavg()
     info["matmul_gflops_after"] = matmul_gflops(args.reps)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"info": info, "results": results}, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, info, results)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ all of them alike), after `--warmup` rounds; reported: the median step time and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -38,6 +37,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
 from memorizing_hf import MemorizingForCausalLM  # noqa: E402
 from memorizing_hf.retrieval import ExactBackend  # noqa: E402
 
@@ -362,10 +364,7 @@ def main() -> None:
                                         "lucidrains_over_ours": theirs["added_s"] / max(row["added_s"], 1e-9)}
         results["comparison"] = comparison
     info["load_average_after"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"info": info, "results": results}, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, info, results)
 
 
 if __name__ == "__main__":
