@@ -251,3 +251,11 @@ def test_smollm2_recipe_runs_a_few_steps(tmp_path) -> None:
     )
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses and np.isfinite(losses).all() and losses[0] < 4  # a pretrained model already predicts code
+
+
+def test_overrides_keep_words_that_yaml_1_1_would_read_as_booleans() -> None:
+    overrides = ["training.eval_strategy=no", "training.use_cpu=true", "data.shuffle=false", "training.max_steps=7"]
+    config = train.load_config(ROOT / "configs" / "tiny_smoke.yaml", overrides)
+    assert config["training"]["eval_strategy"] == "no"
+    assert config["training"]["use_cpu"] is True and config["data"]["shuffle"] is False
+    assert config["training"]["max_steps"] == 7

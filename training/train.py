@@ -86,7 +86,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, dict[s
         section, dot, name = key.partition(".")
         if not equals or not dot:
             raise ValueError(f"Override {override!r} is not of the form section.key=value.")
-        recipe.setdefault(section, {})[name] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        # YAML 1.1 reads no/yes/on/off as booleans; on a command line they are words (eval_strategy=no)
+        keep_word = isinstance(parsed, bool) and value.strip().lower() not in ("true", "false")
+        recipe.setdefault(section, {})[name] = value.strip() if keep_word else parsed
     config = {section: dict(values) for section, values in DEFAULTS.items()}
     for section, values in recipe.items():
         if section not in ALLOWED:
