@@ -272,7 +272,7 @@ def _search_two_pass(
         redo_q = q[:, :1].expand(RH, int(per_head.max()), D).clone()
         redo_q[redo_head, slot] = q[redo_head, redo_token]
         n_redo = min(n, int(row_len[redo_head].max()))  # often short rows: scan only their length
-        block = min(choose_block_size(redo_q.shape[0] * redo_q.shape[1]), n_redo)
+        block = max(min(choose_block_size(redo_q.shape[0] * redo_q.shape[1]), n_redo), 1)  # n_redo 0: empty rows
         s, i = _search_dense(redo_q, keys, row_len, n_redo, lo, k, block)
         scores[redo] = s.view(RH, -1, k)[redo_head, slot]
         indices[redo] = i.view(RH, -1, k)[redo_head, slot]

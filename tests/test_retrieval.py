@@ -256,3 +256,10 @@ def test_thread_count_is_left_alone():
     queries, keys, lengths = random_case(gen, 1, 2, 8, 16, 4096, [4096])
     exact_topk(queries, keys, lengths, 4)
     assert torch.get_num_threads() == before
+
+
+def test_an_empty_row_beside_a_one_entry_row(path):
+    """Queries of an empty row may fall to the dense re-search with nothing to scan (found by hypothesis)."""
+    gen = torch.Generator().manual_seed(0)
+    queries, keys, lengths = random_case(gen, 2, 1, 1, 4, 1, [0, 1])
+    check(queries, keys, lengths, 1, *exact_topk(queries, keys, lengths, 1))
