@@ -108,3 +108,12 @@ def token_ids() -> Callable[..., torch.Tensor]:
         return torch.randint(3, VOCAB, (batch, length), generator=generator)
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared CPU makes two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

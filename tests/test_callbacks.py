@@ -24,13 +24,7 @@ from .conftest import tiny_base, tiny_memorizing
 SEGMENT = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared CPU makes two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def documents(lengths: list[int], seed: int = 0) -> list[list[int]]:
