@@ -17,9 +17,10 @@ from memorizing_hf.retrieval import ExactBackend, choose_block_size, exact_topk
 NINF = float("-inf")
 
 # Search paths of exact_topk on CPU. "small" shrinks every size so that tiny memories still take the two-pass path
-# with several blocks, partial last blocks, several pass-2 windows, query tiles and coarse threshold maxima;
-# "overflow" additionally makes most queries overflow into the dense re-search; "dense" forces the dense path
-# (the CUDA one); "fp32" disables the bf16 first pass.
+# with several blocks, partial last blocks, several pass-2 windows, query tiles, coarse threshold maxima and
+# shifted pass-1 scores; "overflow" additionally makes most queries overflow into the dense re-search; "no_shift"
+# leaves pass-1 scores unshifted, so that queries with a negative threshold are searched densely; "dense" forces the
+# dense path (the CUDA one); "fp32" disables the bf16 first pass.
 SMALL = {
     "SUB_BLOCK": 8,
     "MIN_SUB_BLOCK": 4,
@@ -28,6 +29,7 @@ SMALL = {
     "PASS2_BYTES": 2**14,
     "TILE_QUERIES": 16,
     "MIN_QUERIES": 1,
+    "SHIFT_SAMPLE": 16,
 }
 PATHS = {
     "default": {},
@@ -36,6 +38,7 @@ PATHS = {
     "small": SMALL | {"THRESHOLD_SUB_BLOCKS": 2, "APPROX_BF16": True},
     "small_fp32": SMALL | {"APPROX_BF16": False},
     "overflow": SMALL | {"PASS2_BYTES": 2**11, "CANDIDATES": 1, "APPROX_BF16": True},
+    "no_shift": SMALL | {"SHIFT_SAMPLE": 0, "APPROX_BF16": True},
     "dense": {"MIN_QUERIES": 2**30, "MIN_BLOCK": 8, "BLOCK_BYTES": 2**14},
 }
 
@@ -123,6 +126,32 @@ def test_clustered_and_tied(path):
     int_keys = torch.randint(-2, 3, (R, H, C, D), generator=gen).float()  # many exactly equal scores
     int_queries = torch.randint(-2, 3, (R, H, M, D), generator=gen).float()
     check(int_queries, int_keys, lengths, k, *exact_topk(int_queries, int_keys, lengths, k), rtol=0.0)
+
+
+def negative_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries with positive and keys with negative coordinates: every score is negative."""
+    gen = torch.Generator().manual_seed(seed)
+    queries = torch.rand(2, 2, 80, 16, generator=gen) + 0.1
+    keys = -torch.rand(2, 2, 3000, 16, generator=gen) - 0.1
+    return queries, keys, torch.tensor([3000, 2100])
+
+
+def test_negative_scores(path):
+    queries, keys, lengths = negative_case(8)
+    check(queries, keys, lengths, 8, *exact_topk(queries, keys, lengths, 8))
+
+
+@pytest.mark.parametrize("shift_sample,redone", [(256, False), (0, True)])
+def test_shift_keeps_negative_scores_in_the_two_pass_search(monkeypatch, shift_sample, redone):
+    """Pass-1 maxima are integer maxima of the scores' bits, exact only above zero: shifted scores keep queries whose
+    scores are all negative in the two-pass search; unshifted, they are searched again densely (still exact)."""
+    monkeypatch.setattr(retrieval, "SHIFT_SAMPLE", shift_sample)
+    dense_calls = []
+    search_dense = retrieval._search_dense
+    monkeypatch.setattr(retrieval, "_search_dense", lambda *args: dense_calls.append(1) or search_dense(*args))
+    queries, keys, lengths = negative_case(9)
+    check(queries, keys, lengths, 8, *exact_topk(queries, keys, lengths, 8))
+    assert bool(dense_calls) == redone
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
