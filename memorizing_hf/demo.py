@@ -6,9 +6,10 @@ standard-library module in 512-token segments.
 
 1. Perplexity of each segment given (A) the segment alone, (W) a recomputed 1024-token window, and (M) the segment
    plus kNN memory of everything read before it; the same tokens are scored in every variant.
-2. Recall: with the whole module memorized, `generate()` is given the few lines that lead into a function defined
-   thousands of tokens earlier, in a local window that holds nothing else, and writes its signature and docstring.
-   Greedy output with that memory is compared with the module's real text, and with the same call on empty memory.
+2. Recall: with the whole module memorized, the model is shown the lines that lead into functions defined
+   thousands of tokens earlier, in a local window that holds nothing else, and guesses their signatures and
+   docstrings token by token (each guess given the real text before it), with that memory and with empty memory.
+   Then `generate()` writes one of them on its own (greedy), compared with the module's real text.
 
 Run: `python -m memorizing_hf.demo [--module typing] [--tokens 12288] [--layers 16-24]`.
 """
@@ -22,13 +23,15 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .cache import MemorizingCache
 from .cli import parse_layers
 from .evaluation import streaming_perplexity
 from .modeling_memorizing import MemorizingForCausalLM
 from .sources import smollm2_path, stdlib_path
 
 LEAD_IN = 48  # prompt tokens: the lines just before the definition
-NEW_TOKENS = 48
+NEW_TOKENS = 48  # tokens of each definition to guess or generate
+RECALLED = 8  # functions whose definitions part 2 checks
 
 
 def perplexities(model: MemorizingForCausalLM, ids: torch.Tensor, segment: int) -> None:
@@ -51,31 +54,65 @@ def perplexities(model: MemorizingForCausalLM, ids: torch.Tensor, segment: int) 
     print(f"(scored tokens per variant: {results[variants[0][0]][0].tokens}; segment 0 is read but not scored)")
 
 
-def definition_cut(text: str, offsets: list[tuple[int, int]], first_token: int, last_token: int) -> int | None:
-    """Token index just past `def name(` of the first top-level function with a docstring between the two indices."""
+def definition_cuts(text: str, offsets: list[tuple[int, int]], first_token: int, last_token: int) -> list[int]:
+    """Token indices just past `def name(` of the top-level functions with a docstring between the two indices."""
+    cuts = []
     for match in re.finditer(r'^def \w+\(.*\n(?:.*\n)?\s+"""', text, flags=re.MULTILINE):
         parenthesis = text.index("(", match.start())
         cut = next(i for i, (_, end) in enumerate(offsets) if end > parenthesis) + 1
         if first_token <= cut <= last_token:
-            return cut
-    return None
+            cuts.append(cut)
+    return cuts
 
 
-def recall(model: MemorizingForCausalLM, tokenizer, ids: torch.Tensor, cut: int, window: int) -> None:
-    """Generate from the lead-in of a definition (up to token `cut`), with the document in memory and without."""
-    prompt = ids[cut - LEAD_IN : cut][None]  # the lines before the definition, and "def name("
-    truth = ids[cut : cut + NEW_TOKENS]
+@torch.no_grad()
+def guessed(model: MemorizingForCausalLM, ids: torch.Tensor, cut: int, window: int, twice: bool = False) -> int:
+    """How many of the NEW_TOKENS tokens after `cut` the model predicts, each given the real text before it.
+
+    The lead-in and the definition are read in one fresh local window (memory is read, never written): whatever
+    the model knows of the definition beyond that window comes from memory. `twice`: the window holds the passage
+    twice and the second copy is scored (the ceiling: the definition as if it were still in the local context).
+    """
+    span = ids[cut - LEAD_IN : cut + NEW_TOKENS]
+    tokens = (torch.cat([span, span]) if twice else span)[None]
+    cache = MemorizingCache(window, model.config.sink_tokens)
+    logits = model(tokens, past_key_values=cache, update_memory=False, logits_to_keep=0).logits
+    return int((logits[0, -NEW_TOKENS - 1 : -1].argmax(-1) == tokens[0, -NEW_TOKENS:]).sum())
+
+
+def recall(model: MemorizingForCausalLM, tokenizer, ids: torch.Tensor, cuts: list[int], window: int) -> None:
+    """Part 2: the definitions' tokens guessed with the document in memory and without; one greedy continuation."""
+    prompt = ids[cuts[0] - LEAD_IN : cuts[0]][None]  # the lines before the first definition, and "def name("
+    truth = ids[cuts[0] : cuts[0] + NEW_TOKENS]
     settings = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "window": window, "update_memory": False}
     settings["pad_token_id"] = tokenizer.eos_token_id
-    outputs = {}
+    guesses, outputs = {}, {}
     for name in ("memory", "empty"):
         if name == "empty":
             model.reset_memory()
+        guesses[name] = [guessed(model, ids, cut, window) for cut in cuts]
+        if name == "empty":
+            guesses["in window"] = [guessed(model, ids, cut, window, twice=True) for cut in cuts]
         start_time = time.perf_counter()
         generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)[0, prompt.shape[1] :]
         outputs[name] = (generated, time.perf_counter() - start_time)
-    print(f"\nRecall: the definition was read {ids.numel() - cut} tokens before the end of the module; the local")
-    print(f"window holds {window} tokens (the prompt only). The prompt ends: {tokenizer.decode(prompt[0, -16:])!r}")
+    print(f"\nRecall: {len(cuts)} functions defined early in the module. Each is given its {LEAD_IN}-token lead-in")
+    print(f"and its first {NEW_TOKENS} tokens (signature, docstring) in a fresh {window}-token window; we count the")
+    print("tokens the model guesses right, each from the real text before it. Its earlier reading of them lies outside")
+    print("the window: with memory it can retrieve it, with empty memory it cannot. 'in window' is the ceiling: the")
+    print("same passage read twice in one window (no memory), the second copy scored.")
+    columns = ("memory", "empty", "in window")
+    print(f"\n{'function':<28} {'read before end':>16}" + "".join(f"{column:>11}" for column in columns))
+    for index, cut in enumerate(cuts):
+        name = tokenizer.decode(ids[cut - 8 : cut]).rsplit("def ", 1)[-1].strip()
+        scores = "".join(f"{guesses[column][index]:>8}/{NEW_TOKENS}" for column in columns)
+        print(f"{name:<28} {ids.numel() - cut:>9} tokens{scores}")
+    total = len(cuts) * NEW_TOKENS
+    print(f"{'all':<28} {'':>16}" + "".join(f"{sum(guesses[column]):>7}/{total}" for column in columns))
+    print(
+        f"\nGreedy continuation of the first one (no real text given). The prompt ends: "
+        f"{tokenizer.decode(prompt[0, -16:])!r}"
+    )
     print(f"\n--- the module's real text ---\n{tokenizer.decode(truth)}")
     for name, label in (("memory", "with the module in kNN memory"), ("empty", "same call, memory empty")):
         generated, seconds = outputs[name]
@@ -109,11 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"memory: joint mode, layers {args.layers[0]}-{args.layers[-1]}, top-{args.top_k}, sinks never stored.")
 
     perplexities(model, ids, args.segment)
-    cut = definition_cut(text, encoding["offset_mapping"], LEAD_IN, ids.numel() // 2)
-    if cut is None:
+    cuts = definition_cuts(text, encoding["offset_mapping"], LEAD_IN, ids.numel() // 2)[:RECALLED]
+    if not cuts:
         print(f"\n(no top-level function with a docstring in the first half of {source.name}: recall skipped)")
         return
-    recall(model, tokenizer, ids, cut, window=args.segment)
+    recall(model, tokenizer, ids, cuts, window=args.segment)
 
 
 if __name__ == "__main__":

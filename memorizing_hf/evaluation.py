@@ -39,9 +39,7 @@ class PerplexityResult:
         self.segments.append(math.exp(nll / max(tokens, 1)))
 
 
-def _segment_nll(
-    model: nn.Module, ids: torch.Tensor, scored: int, **kwargs: object
-) -> tuple[float, int, list[bool]]:
+def _segment_nll(model: nn.Module, ids: torch.Tensor, scored: int, **kwargs: object) -> tuple[float, int, list[bool]]:
     """Summed NLL of the last `scored` tokens of `ids` `[1, n]` (each predicted from everything before it in ids),
     their count, and whether each was the model's top prediction."""
     logits = model(ids, logits_to_keep=scored + 1, **kwargs).logits[0, :-1].float()

@@ -21,6 +21,7 @@ from .test_data import rebuild
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "training"))
+import evaluate  # noqa: E402
 import train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,6 +96,9 @@ def test_every_shipped_recipe_is_valid() -> None:
     for path in recipes:
         config = train.load_config(path)
         assert config["training"]["output_dir"] and config["data"]["source"]
+    for path in suites:
+        suite = evaluate.load_suite(path)
+        assert suite["output_dir"] and all(spec["settings"] for spec in suite["models"].values())
     for name, kind in [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED")]:
         assert (
             yaml.safe_load((ROOT / "configs" / "accelerate" / f"{name}.yaml").read_text())["distributed_type"] == kind
