@@ -8,6 +8,10 @@ A training step is forward + backward + optimizer step (AdamW, lr 1e-4) on a bat
 * `lucidrains`: lucidrains' memorizing-transformers-pytorch 0.4.1 at the equal configuration (dim 512, 6 layers,
   8 heads x 64, vocabulary 20,000, memory at layer 4 counted from 1, k=32), faiss HNSW + memmap, the same optimizer.
 
+Backends of our models: `exact` (memorizing_hf.retrieval over an fp32 memory), `exact-bf16` (the same search over a
+memory stored in bf16, `memory_dtype="bfloat16"`: exact for the stored bf16 keys), faiss `flat` and `ivf`, and
+`nosearch` (fixed random slots: the memory's cost besides retrieval).
+
 "Memory off" is the bare base model (ours) or the same architecture without a memorizing layer (lucidrains). "Memory
 on" wraps the base (the same weights) with a memory of N entries per batch row, filled before timing with random
 unit keys (the memory layer L2-normalises keys in gate mode); every timed step writes its 512 tokens per row, so the
@@ -18,7 +22,7 @@ Every configuration of a model is timed once per round, rounds interleaved (nois
 all of them alike), after `--warmup` rounds; reported: the median step time and its ratio to memory off.
 
     python benchmarks/bench_training.py [--models tiny lucidrains smollm2] [--sizes 8192 65536 262144]
-        [--backends exact ivf] [--reps 5] [--threads 1] [--out benchmarks/results/training.json]
+        [--backends exact exact-bf16 ivf] [--reps 5] [--threads 1] [--out benchmarks/results/training.json]
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ PREFILL_CHUNK = 16384
 IVF_NPROBE = 32
 IVF_TRAIN_POINTS_PER_LIST = 64
 IVF_TRAIN_ITERATIONS = 10
+# Backends whose memory stores keys and values in bf16 (the others store fp32): name -> MemorizingConfig.memory_dtype.
+MEMORY_DTYPES = {"exact-bf16": "bfloat16"}
 
 
 def ivf_nlist(n: int) -> int:
@@ -80,7 +86,7 @@ class NoSearchBackend:
 
 
 def make_backend(name: str, n: int):
-    if name == "exact":
+    if name in ("exact", "exact-bf16"):
         return ExactBackend()
     if name == "nosearch":
         return NoSearchBackend()
@@ -104,7 +110,11 @@ def make_backend(name: str, n: int):
 def backend_label(name: str, n: int) -> str:
     if name == "ivf":
         return f"faiss IVF (nlist {ivf_nlist(n)}, nprobe {IVF_NPROBE})"
-    labels = {"exact": "exact (memorizing_hf.retrieval)", "flat": "faiss flat"}
+    labels = {
+        "exact": "exact (memorizing_hf.retrieval)",
+        "exact-bf16": "exact (memorizing_hf.retrieval), bf16 memory",
+        "flat": "faiss flat",
+    }
     return labels.get(name, "no search (fixed random slots): the memory's cost besides retrieval")
 
 
@@ -223,13 +233,16 @@ def build_ours(model_name: str, configs: list[tuple[str, int]]) -> tuple[dict, d
         name = f"{backend}@{n}"
         start = time.perf_counter()
         kwargs = {"memory_layers": layers} if layers else {}
+        if backend in MEMORY_DTYPES:
+            kwargs["memory_dtype"] = MEMORY_DTYPES[backend]
         model = MemorizingForCausalLM.from_base_pretrained(base, memory_size=n, memory_top_k=TOP_K, **kwargs)
         for memory in model.memory.layers.values():
             memory.backend = make_backend(backend, n)
         prefill_ours(model, n, seed=n)
         wrappers[name] = model
         setup[name] = {"n": n, "backend": backend_label(backend, n), "prefill_s": time.perf_counter() - start,
-                       "memory_layers": list(model.memory.layers)}
+                       "memory_layers": list(model.memory.layers),
+                       "memory_dtype": str(next(iter(model.memory.layers.values())).keys.dtype)}
         print(f"  {model_name}: {name} filled in {setup[name]['prefill_s']:.1f}s", flush=True)
     # One optimizer over the shared base and every wrapper's memory-layer parameters (gate, scale).
     params = {id(p): p for m in [base, *wrappers.values()] for p in m.parameters()}
@@ -312,7 +325,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny", "lucidrains", "smollm2"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 65536, 262144])
-    parser.add_argument("--backends", nargs="+", default=["exact", "ivf"], choices=["exact", "flat", "ivf", "nosearch"])
+    parser.add_argument("--backends", nargs="+", default=["exact", "ivf"],
+                        choices=["exact", "exact-bf16", "flat", "ivf", "nosearch"])
     parser.add_argument("--smollm2-configs", nargs="+", default=["exact@8192", "ivf@65536", "ivf@262144"],
                         help="backend@size pairs for SmolLM2 (its steps are ~8x longer); 'all': sizes x backends")
     parser.add_argument("--interleave", action="store_true",
