@@ -3,12 +3,14 @@
 Greedy decoding, batch 1, fp32, a 64-token prompt and 64 new tokens (inside the local window, so the figure is the
 steady cost of one decoding step: the local attention plus retrieval from memory in every memory layer). The memory
 is filled by writing random keys and values straight into every memory layer's store (reading 262K tokens would take
-an hour here); exact retrieval does the same work whatever the keys are. Every round runs the base model (plain
-`LlamaForCausalLM`, sdpa, no memory layers) and each memory size in turn, so load from other processes hits them
-alike; the figures are medians over all decoding steps of all rounds. Two memory settings: one layer at 3/4 depth
-(the paper's choice, the config default) and layers 16-24 (the zero-shot demo's).
+an hour here); exact retrieval does the same work whatever the keys are. The base model (plain `LlamaForCausalLM`,
+sdpa, no memory layers) runs right before every memory setting and size, so load from other processes hits them
+alike (a single base run per round once came out ~1.8x slower than the memorizing model with empty memory, a drift
+that a side-by-side profile did not reproduce); the figures are medians over all decoding steps of all rounds. Two
+memory settings: one layer at 3/4 depth (the paper's choice, the config default) and layers 16-24 (the zero-shot
+demo's).
 
-    python benchmarks/bench_generation.py [--sizes 0 8192 65536 262144] [--repeats 5] [--out ...]
+    python benchmarks/bench_generation.py [--sizes 0 8192 65536 262144] [--repeats 5] [--threads 1] [--out ...]
 
 Prints a table and writes JSON (default `benchmarks/results/generation.json`).
 """
@@ -78,10 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[0, 8192, 65536, 262144])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP contention)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "generation.json"))
     args = parser.parse_args(argv)
     sizes = sorted(args.sizes)
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
 
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -110,15 +114,14 @@ def main(argv: list[str] | None = None) -> None:
 
     times: dict[str, list[float]] = {"base": []}
     for round_ in range(args.repeats + 1):  # round 0 warms up
-        kept = step_times(base, prompt)
-        if round_:
-            times["base"] += kept
         for name, model in models.items():
             model.reset_memory()
             for size in sizes:
                 fill_memory(model, size)
+                kept_base = step_times(base, prompt)  # right before each measurement: drifts hit both alike
                 kept = step_times(model, prompt, update_memory=False)
                 if round_:
+                    times["base"] += kept_base
                     times.setdefault(f"{name} / {size}", []).extend(kept)
         print(f"round {round_}/{args.repeats} done", file=sys.stderr, flush=True)
     info["load_average_after"] = list(os.getloadavg())

@@ -304,6 +304,30 @@ def bound_section(folder: Path, lines: list[str]) -> None:
     lines.append("")
 
 
+def generation_section(data: dict | None, lines: list[str]) -> None:
+    """Per-token generation latency against memory size (`bench_generation.py`, issue 4's target: <=1.2x at 65K)."""
+    if data is None:
+        return
+    info = data["info"]
+    lines += [
+        "## Generation: per-token latency against memory size (SmolLM2-135M)",
+        "",
+        f"`benchmarks/bench_generation.py --repeats {info['repeats']}`: greedy, batch 1, {info['prompt_tokens']}-token "
+        f"prompt, {info['new_tokens']} new tokens, {info['memory']}, {info['threads']} thread(s); medians over all "
+        "decoding steps; the base model (no memory layers) runs right before every setting. Load "
+        f"{fmt_load(info['load_average_before'])} before, {fmt_load(info['load_average_after'])} after.",
+        "",
+        "| setting | entries in memory | ms / token | vs base | target ≤1.2x at 65K |",
+        "|---|---:|---:|---:|:-:|",
+    ]
+    for row in data["results"]:
+        n = row["memory_tokens"]
+        target = ("yes" if row["ratio"] <= 1.2 else "no") if n == 65536 else ""
+        size = "–" if n is None else size_label(n) if n else "0"
+        lines.append(f"| {row['setting']} | {size} | {row['median_ms']:.1f} | {row['ratio']:.2f}x | {target} |")
+    lines.append("")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", default="benchmarks/results")
@@ -388,6 +412,7 @@ def main() -> None:
                 f"{fmt_load(row['load_average'])} |"
             )
         lines.append("")
+    generation_section(load(folder, "generation.json"), lines)
     bound_section(folder, lines)
     notes = Path(args.notes)
     if notes.is_file():
