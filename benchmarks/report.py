@@ -40,6 +40,20 @@ def ivf_recall_note(row: dict) -> str:
     return f"recall@32 {recall:.2f} on real keys" if recall is not None else "recall not measured"
 
 
+def save_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: str | None = None, legend_size=None) -> None:
+    """Label, lay out, write (110 dpi) and close a figure: the common end of every plot of this page."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=legend_size)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def training_section(data: dict, plots: Path, lines: list[str], png: str = "performance_training.png") -> None:
     info, results = data["info"], data["results"]
     lines += [
@@ -118,14 +132,9 @@ def training_section(data: dict, plots: Path, lines: list[str], png: str = "perf
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{model} {backend}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("memory entries per row")
-    ax.set_ylabel("step time / step time without memory")
     ax.axhline(1.0, color="grey", lw=0.5)
-    ax.legend(fontsize=7)
-    ax.set_title("Training step cost of the kNN memory")
-    fig.tight_layout()
-    fig.savefig(plots / png, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, plots / png, "memory entries per row", "step time / step time without memory",
+              "Training step cost of the kNN memory", legend_size=7)
     lines += [f"![training step ratio]({png})", ""]
 
 
@@ -215,15 +224,10 @@ def scale_section(data: dict, plots: Path, lines: list[str]) -> None:
             ax.plot([r["median_s"] for r in pts], [r["recall"] for r in pts], marker="s", label=f"HNSW M{links} {n}")
         ax.plot([row["exact"]["median_s"]], [1.0], marker="*", ms=12, ls="", label=f"exact {n}")
     ax.set_xscale("log")
-    ax.set_xlabel("search s (3 heads x 1536 queries)")
-    ax.set_ylabel("recall@32")
     ax.axhline(0.95, color="grey", lw=0.5)
-    ax.legend(fontsize=6)
-    ax.set_title("Recall against latency, real keys")
-    fig.tight_layout()
     png = "performance_recall_normalized.png" if "normalised" in info["keys"] else "performance_recall.png"
-    fig.savefig(plots / png, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, plots / png, "search s (3 heads x 1536 queries)", "recall@32",
+              "Recall against latency, real keys", legend_size=6)
     lines += [f"![recall against latency]({png})", ""]
 
 
@@ -260,12 +264,7 @@ def rss_section(data: dict, plots: Path, lines: list[str]) -> None:
     ax.plot(xs, [r["peak_rss"] / 2**20 for r in data["results"]], marker="o", label="peak RSS")
     ax.plot(xs, [r["rss_after_fill"] / 2**20 for r in data["results"]], marker="^", label="RSS after fill")
     ax.plot(xs, [(fit["constant_bytes"] + fit["bytes_per_token"] * x) / 2**20 for x in xs], ls="--", label="fit")
-    ax.set_xlabel("memory entries (one row, 3 heads x 64)")
-    ax.set_ylabel("MiB")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(plots / "performance_rss.png", dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, plots / "performance_rss.png", "memory entries (one row, 3 heads x 64)", "MiB")
     lines += ["![peak RSS](performance_rss.png)", ""]
 
 
