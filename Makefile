@@ -48,8 +48,9 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 # Timed comparisons use one torch thread. Results: benchmarks/results/*.json, docs/performance.md.
 bench: $(VENV)/.installed $(VENV)/.bench-installed
 	$(VENV)/bin/python benchmarks/bench_retrieval.py --threads 1
-	$(VENV)/bin/python benchmarks/real_keys.py --entries 262144
-	$(VENV)/bin/python benchmarks/bench_retrieval_scale.py --threads 1 --sizes 8192 65536 262144 1048576
+	$(VENV)/bin/python benchmarks/real_keys.py --entries 1048576
+	$(VENV)/bin/python benchmarks/bench_retrieval_scale.py --threads 1 --sizes 8192 65536 262144 1048576 \
+		--hnsw-m 15 32 --ef 16 64 256 --nprobe 8 32 128 256
 	$(VENV)/bin/python benchmarks/bench_retrieval_scale.py --threads 1 --normalize --sizes 65536 262144 \
 		--nprobe 4 8 16 32 64 --ef 16 64 256
 	$(VENV)/bin/python benchmarks/bench_training.py --models tiny lucidrains \
