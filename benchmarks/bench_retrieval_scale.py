@@ -208,7 +208,7 @@ def main() -> None:
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    # The largest real-key cache available (building one takes ~30 min per 262K tokens: `real_keys.py --entries`).
+    # The largest real-key cache available (1M took 47 min on one thread here: `real_keys.py --entries`).
     available = [n for n in CHECKPOINTS if cache_file(n).is_file()]
     if not available:
         sys.exit("no real keys cached: run `python benchmarks/real_keys.py --entries 262144` first")
