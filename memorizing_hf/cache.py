@@ -24,7 +24,8 @@ from .rotary import rotate_by
 class XLCache:
     """Previous-segment keys/values per layer, `[rows, kv_heads, tokens, head_dim]`, and which of them are real."""
 
-    def __init__(self) -> None:
+    def __init__(self, sink_tokens: int = 0) -> None:
+        self.sink_tokens = sink_tokens  # first tokens of a segment that do not see the cache (they stay sinks)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.valid: torch.Tensor | None = None  # [rows, tokens] bool: real tokens of the row's current document
@@ -52,7 +53,7 @@ class XLCache:
     def snapshot(self) -> XLCache:
         """A copy sharing the tensors: what one forward call reads, even when recomputed (gradient checkpointing)
         after `advance` has moved the cache on."""
-        copy = XLCache()
+        copy = XLCache(self.sink_tokens)
         copy.keys, copy.values, copy.valid = dict(self.keys), dict(self.values), self.valid
         return copy
 
@@ -75,10 +76,14 @@ class XLCache:
         """Put the previous segment in front of this layer's keys/values, and widen the mask to match.
 
         `mask` is the local mask transformers built for the current segment (bool or additive `[B, 1, T, T]`, or None
-        for plain causal); the result is a bool mask `[B, 1, T, S + T]` (True = attend).
+        for plain causal); the result is a bool mask `[B, 1, T, S + T]` (True = attend). The segment's first
+        `sink_tokens` do not see the previous segment.
         """
         batch, _, tokens, _ = key.shape
         previous = self.valid.to(key.device).view(batch, 1, 1, -1).expand(batch, 1, tokens, -1)
+        if self.sink_tokens:
+            sees = torch.arange(tokens, device=key.device) >= self.sink_tokens
+            previous = previous & sees.view(1, 1, tokens, 1)
         if mask is None:
             current = torch.ones(tokens, tokens, dtype=torch.bool, device=key.device).tril().expand(batch, 1, -1, -1)
         elif mask.dtype == torch.bool:

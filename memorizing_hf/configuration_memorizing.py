@@ -93,6 +93,11 @@ class MemorizingConfig(PretrainedConfig):
         xl_cache (`bool`, *optional*, defaults to `False`):
             Transformer-XL cache: when a document is read segment by segment, local attention of every layer also
             sees the previous segment's keys and values (detached), as in the paper's best configurations.
+        xl_sink_tokens (`int`, *optional*, defaults to 1):
+            Number of tokens at the start of every segment that do not see the XL cache, so that they stay attention
+            sinks as in a segment read alone. A pretrained model leans on a first token that saw no context; with
+            none in its window, XL reading raised perplexity by a quarter (docs/results.md). 0: every token sees the
+            previous segment, as in the paper (whose models were trained with the cache).
     """
 
     model_type = "memorizing"
@@ -119,6 +124,7 @@ class MemorizingConfig(PretrainedConfig):
         local_attn_implementation: str = "sdpa",
         local_window: int = 1024,
         xl_cache: bool = False,
+        xl_sink_tokens: int = 1,
         **kwargs: Any,
     ) -> None:
         if text_config is None:
@@ -161,8 +167,9 @@ class MemorizingConfig(PretrainedConfig):
         _check_choice("combine", combine, COMBINE_MODES)
         _check_choice("rotary_placement", rotary_placement, ROTARY_PLACEMENTS)
         _check_choice("local_attn_implementation", local_attn_implementation, LOCAL_ATTN_IMPLEMENTATIONS)
-        if not isinstance(sink_tokens, int) or sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be an integer >= 0, got {sink_tokens!r}.")
+        for name, value in (("sink_tokens", sink_tokens), ("xl_sink_tokens", xl_sink_tokens)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
         if not isinstance(local_window, int) or local_window < 1:
             raise ValueError(f"local_window must be an integer >= 1, got {local_window!r}.")
         if faiss_nprobe < 1:
@@ -189,6 +196,7 @@ class MemorizingConfig(PretrainedConfig):
         self.local_attn_implementation = local_attn_implementation
         self.local_window = local_window
         self.xl_cache = bool(xl_cache)
+        self.xl_sink_tokens = xl_sink_tokens
         for name in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
             kwargs.setdefault(name, getattr(text_config, name, None))
         super().__init__(**kwargs)

@@ -434,7 +434,7 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
             backend_factory=lambda: _make_backend(config),
             dtype=getattr(torch, config.memory_dtype) if config.memory_dtype else None,
         )
-        self.xl_cache = XLCache()
+        self.xl_cache = XLCache(config.xl_sink_tokens)
         self.knn_attention = nn.ModuleDict(
             {
                 str(i): KNNAttention(config, i, self.memory.layers[i], self._rotary_embedding is not None)

@@ -55,6 +55,7 @@ def test_round_trip_through_dict_and_auto_config(tmp_path) -> None:
         ({"rotary_placement": "relative"}, "Unknown rotary_placement"),
         ({"memory_dtype": "int8"}, "Unknown memory_dtype"),
         ({"sink_tokens": -1}, "sink_tokens must be"),
+        ({"xl_sink_tokens": 1.5}, "xl_sink_tokens must be"),
     ],
 )
 def test_bad_values_raise_clear_errors(kwargs: dict, message: str) -> None:
