@@ -3,10 +3,11 @@
     OMP_NUM_THREADS=1 python training/synthetic_recall.py   # documents, two trainings, evaluation, table and plot
 
 The paper's models "use functions defined at test time": a name defined early is used correctly much later. This
-is that, in its barest form. Each document (one character per token, read 64 at a time) opens with 16 definitions
-`=Kv` (a key K, an upper-case letter, bound to a value v, a lower-case letter), then filler (spaces) with queries
-`?Kv` at later places: after `?K` the model must name v. Only a model that reaches the definition can beat chance
-(1/26): without memory, nothing before the current 64-token segment is visible.
+is that, in its barest form. Each document (words separated by spaces, one token each, read 64 at a time) opens with
+16 definitions: tokens `K=v` that bind a key K (an upper-case letter) to a value v (a lower-case letter). Filler
+(`.`) follows, with queries `?K K=v` at later places: after `?K` the model must name the binding `K=v`, i.e. the
+value. Only a model that reaches the definition can beat chance (1/26): without memory, nothing before the current
+64-token segment is visible.
 
 Two tiny Llamas are trained from scratch on the same documents with `training/train.py` (configs/recall_memory.yaml
 and the same recipe with `memory.memory_layers=[]`). Training documents ask 4 keys 3 times in every segment after
@@ -28,7 +29,9 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import tokenizers
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from memorizing_hf.evaluation import streaming_perplexity
 
@@ -39,38 +42,63 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 KEYS, VALUES = string.ascii_uppercase, string.ascii_lowercase
+FILLER, SPECIAL = ".", ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 SEGMENT = 64  # local context: tokens per segment (configs/recall_memory.yaml)
 SEGMENTS = 17  # per document: the definitions' segment and 16 more
 DEFINITIONS = 16  # one per slot of the first segment
-SLOTS = SEGMENT // 4  # slots of 4 characters per segment: " =Kv" or " ?Kv" or filler
+SLOTS = SEGMENT // 4  # slots of 4 tokens per segment: ". . K=v ." (a definition), ". ?K K=v ." (a query), or filler
 ACTIVE, REPEATS = 4, 3  # training: keys asked per segment, and how often each
 BUCKETS = [(0, 1), (1, 2), (2, 4), (4, 8), (8, 12), (12, 17)]  # distance ranges, in segments (0: the same segment)
 
 
-def document(rng: np.random.Generator, held_out: bool, filler: str = " ") -> tuple[str, list[tuple[int, int]]]:
-    """One document and its queries as (position of the value to recall, position of the key's previous value).
+def binding(key: str, value: str) -> str:
+    """The token that binds `key` to `value`: a definition, and the answer to a query of `key`."""
+    return f"{key}={value}"
 
-    Characters are tokens (byte-level tokenizer), so string positions are token positions. Definitions `=Kv` and
-    queries `?Kv` fill slots of 3 characters at offsets 1, 5, 9, ... of a segment: nothing starts at a segment's
-    first position (an attention sink, never stored in memory and never scored) and nothing crosses a segment. The
-    16 definitions fill the first segment. Held out: key i is asked once, in segment i + 1. Training: every later
+
+def write_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer (tokens separated by spaces) of the documents' vocabulary, saved to `folder`.
+
+    A binding `K=v` is one token, so a query `?K` can find it in one attention step (its key names K, its value
+    carries v): the task measures whether the model reaches the definition, not whether a tiny model trained for
+    minutes forms an induction circuit (with one token per character it did not; docs/results.md, section 3).
+    """
+    words = SPECIAL + [FILLER] + [f"?{key}" for key in KEYS] + [binding(k, v) for k in KEYS for v in VALUES]
+    model = tokenizers.models.WordLevel({word: index for index, word in enumerate(words)}, unk_token="[UNK]")
+    backend = tokenizers.Tokenizer(model)
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def document(rng: np.random.Generator, held_out: bool) -> tuple[list[str], list[tuple[int, int]]]:
+    """One document's tokens and its queries as (position of the binding to recall, position of the key's previous
+    binding).
+
+    Definitions and queries fill slots of 4 tokens, the binding always third: nothing sits at a segment's first
+    position (an attention sink, never stored in memory and never scored) and nothing crosses a segment. The 16
+    definitions fill the first segment. Held out: key i is asked once, in segment i + 1. Training: every later
     segment asks 4 of the keys 3 times each, so the first ask of a key in a segment needs an earlier segment (memory)
-    and the two others can be answered within the segment (where local attention can learn to look a key up).
+    and the two others can be answered within the segment (where local attention learns the same lookup).
     """
     keys = rng.choice(list(KEYS), DEFINITIONS, replace=False)
     values = dict(zip(keys, rng.choice(list(VALUES), DEFINITIONS)))
-    text = list(rng.choice(list(filler), SEGMENT * SEGMENTS))
-    previous: dict[str, int] = {}  # key -> position of its latest value
+    tokens = [FILLER] * (SEGMENT * SEGMENTS)
+    previous: dict[str, int] = {}  # key -> position of its latest binding
     queries = []
 
-    def put(at: int, mark: str, key: str) -> None:
-        text[at : at + 3] = [mark, key, values[key]]
-        if mark == "?":
+    def put(at: int, key: str, query: bool) -> None:
+        tokens[at + 2] = binding(key, values[key])
+        if query:
+            tokens[at + 1] = f"?{key}"
             queries.append((at + 2, previous[key]))
         previous[key] = at + 2
 
     for slot, key in enumerate(keys):
-        put(1 + 4 * slot, "=", key)
+        put(4 * slot, key, query=False)
     for segment in range(1, SEGMENTS):
         if held_out:
             asked = {int(rng.integers(SLOTS)): keys[segment - 1]}
@@ -78,28 +106,28 @@ def document(rng: np.random.Generator, held_out: bool, filler: str = " ") -> tup
             chosen = list(rng.choice(keys, ACTIVE, replace=False)) * REPEATS
             asked = dict(zip(sorted(rng.choice(SLOTS, len(chosen), replace=False)), rng.permutation(chosen)))
         for slot, key in sorted(asked.items()):
-            put(segment * SEGMENT + 1 + 4 * slot, "?", key)
-    return "".join(text), queries
+            put(segment * SEGMENT + 4 * slot, key, query=True)
+    return tokens, queries
 
 
-def write_documents(
-    folder: Path, count: int, seed: int, held_out: bool, filler: str = " "
-) -> list[list[tuple[int, int]]]:
-    """`count` documents as text files in `folder`, and their queries (see `document`)."""
+def write_documents(folder: Path, count: int, seed: int, held_out: bool) -> list[list[tuple[int, int]]]:
+    """`count` documents as text files in `folder` (tokens separated by spaces), and their queries (see
+    `document`)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     queries = []
     for index in range(count):
-        text, asked = document(rng, held_out, filler)
-        (folder / f"recall_{index:05d}.txt").write_text(text)
+        tokens, asked = document(rng, held_out)
+        (folder / f"recall_{index:05d}.txt").write_text(" ".join(tokens))
         queries.append(asked)
     return queries
 
 
-def accuracy(model: torch.nn.Module, folder: Path, queries: list[list[tuple[int, int]]], memory: bool) -> dict:
-    """Top-1 accuracy of the recalled values and number of queries, per distance bucket (in segments: the query's
-    segment minus that of the key's previous value)."""
-    tokenizer = train.load_tokenizer("bytes")
+def accuracy(
+    model: torch.nn.Module, tokenizer, folder: Path, queries: list[list[tuple[int, int]]], memory: bool
+) -> dict:
+    """Top-1 accuracy of the recalled bindings and number of queries, per distance bucket (in segments: the query's
+    segment minus that of the key's previous binding)."""
     hits: dict[int, list[bool]] = defaultdict(list)
     for path, asked in zip(sorted(folder.glob("*.txt")), queries):
         ids = torch.tensor(tokenizer(path.read_text(), add_special_tokens=False)["input_ids"])
@@ -117,34 +145,44 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, default=Path("docs/results"), help="recall.json/.md/.png go here")
     parser.add_argument("--train-documents", type=int, default=2000)
     parser.add_argument("--eval-documents", type=int, default=200)
-    parser.add_argument("--filler", default=" ", help="characters the filler is drawn from (default: a space)")
     parser.add_argument("--max-steps", type=int, help="training steps of each model (default: the recipe's)")
     args = parser.parse_args(argv)
 
-    write_documents(args.work / "train", args.train_documents, seed=0, held_out=False, filler=args.filler)
-    held_out = write_documents(args.work / "held_out", args.eval_documents, seed=1, held_out=True, filler=args.filler)
+    tokenizer = write_tokenizer(args.work / "tokenizer")
+    write_documents(args.work / "train", args.train_documents, seed=0, held_out=False)
+    held_out = write_documents(args.work / "held_out", args.eval_documents, seed=1, held_out=True)
     # the same-segment bucket: held-out documents laid out like the training ones (keys asked again within a segment)
-    local = write_documents(
-        args.work / "held_out_local", args.eval_documents // 4, seed=2, held_out=False, filler=args.filler
-    )
+    local = write_documents(args.work / "held_out_local", args.eval_documents // 4, seed=2, held_out=False)
     steps = [] if args.max_steps is None else [f"training.max_steps={args.max_steps}"]
     results = {}
     for name, overrides in [("memory", []), ("no memory", ["memory.memory_layers=[]"])]:
         run = args.work / name.replace(" ", "_")
         started = time.time()
         trainer = train.main(
-            [args.recipe, f"data.source={args.work / 'train'}", f"training.output_dir={run}", *steps, *overrides]
+            [
+                args.recipe,
+                f"model.tokenizer={args.work / 'tokenizer'}",
+                f"data.source={args.work / 'train'}",
+                f"training.output_dir={run}",
+                *steps,
+                *overrides,
+            ]
         )
         model = trainer.model.eval()
-        far = accuracy(model, args.work / "held_out", held_out, memory=not overrides)
-        near = accuracy(model, args.work / "held_out_local", local, memory=not overrides)
-        results[name] = {
-            "accuracy": {"0-0": near["0-0"], **far},
-            "final_loss": trainer.state.log_history[-2].get("loss"),
-            "train_seconds": trainer.state.log_history[-1]["train_runtime"],
-            "total_seconds": time.time() - started,
+        history = trainer.state.log_history
+        record = {
+            "final_loss": next((entry["loss"] for entry in reversed(history) if "loss" in entry), None),
+            "mean_loss": history[-1]["train_loss"],
+            "train_seconds": history[-1]["train_runtime"],
         }
-        print(name, results[name], flush=True)
+        # the memory model is also read with its memory switched off: what it recalls without memory is the control
+        readings = [(name, True), ("memory, switched off", False)] if not overrides else [(name, False)]
+        for label, memory in readings:
+            far = accuracy(model, tokenizer, args.work / "held_out", held_out, memory)
+            near = accuracy(model, tokenizer, args.work / "held_out_local", local, memory)
+            results[label] = {"accuracy": {"0-0": near["0-0"], **far}, **record}
+            print(label, results[label], flush=True)
+        results[name]["total_seconds"] = time.time() - started
     report(results, args.output)
     return results
 
@@ -166,7 +204,7 @@ def report(results: dict, folder: Path) -> None:
     for name, result in results.items():
         axis.plot(buckets, [result["accuracy"][b]["accuracy"] for b in buckets], "o-", label=name)
     axis.axhline(1 / len(VALUES), linestyle="--", color="gray", label="chance")
-    axis.set_xlabel(f"distance from the key's previous value (segments of {SEGMENT} tokens)")
+    axis.set_xlabel(f"distance from the key's previous binding (segments of {SEGMENT} tokens)")
     axis.set_ylabel("recall accuracy (top-1)")
     axis.set_ylim(0, 1.02)
     axis.grid(alpha=0.3)
