@@ -110,6 +110,10 @@ def measure(n: int, keys_all: torch.Tensor, queries: torch.Tensor, reps: int, np
     flops = 2 * heads * M * n * dim
 
     t, times, (ref_s, ref_i) = median_time(lambda: exact_topk(q, keys, lengths, K), reps)
+
+    def against_exact(got: torch.Tensor) -> dict:
+        return recall(got, q, keys, ref_s, ref_i)
+
     # Plain fp32 matmul + topk, one head at a time (the full score matrix of 3 heads at 262K would take 4.8 GB).
     def plain():
         return torch.stack([(q[0, h] @ keys[0, h].T).topk(K, dim=-1).values for h in range(heads)])[None]
@@ -134,7 +138,7 @@ def measure(n: int, keys_all: torch.Tensor, queries: torch.Tensor, reps: int, np
     t_w, _, _ = median_time(lambda: flat.add(*overwrite), 3)
     flat.add(*restore)
     index_bytes = sum(len(faiss.serialize_index(ix)) for ix in flat._rows[0].indexes)
-    row["faiss_flat"] = {"median_s": t, "times_s": times, **recall(got, q, keys, ref_s, ref_i), "fill_s": fill,
+    row["faiss_flat"] = {"median_s": t, "times_s": times, **against_exact(got), "fill_s": fill,
                          "fill_us_per_entry": fill / (n * heads) * 1e6, "overwrite_512_s": t_w,
                          "index_bytes_per_token_per_head": index_bytes / (n * heads)}
     print(f"  n={n}: flat {t:.3f}s recall {row['faiss_flat']['recall']:.4f}", flush=True)
@@ -156,7 +160,7 @@ def measure(n: int, keys_all: torch.Tensor, queries: torch.Tensor, reps: int, np
         for index in ivf._rows[0].indexes:
             index.nprobe = min(nprobe, nlist)
         t, times, (_, got) = median_time(lambda: ivf.search(q, keys, lengths, K), reps)
-        entry = {"median_s": t, "times_s": times, **recall(got, q, keys, ref_s, ref_i),
+        entry = {"median_s": t, "times_s": times, **against_exact(got),
                  "speedup_vs_exact": row["exact"]["median_s"] / t}
         row["faiss_ivf"]["nprobe"][nprobe] = entry
         print(f"  n={n}: ivf nlist {nlist} nprobe {nprobe}: {t:.4f}s recall {entry['recall']:.4f}", flush=True)
@@ -183,7 +187,7 @@ def measure(n: int, keys_all: torch.Tensor, queries: torch.Tensor, reps: int, np
                 return torch.stack([torch.from_numpy(ix.search(q_np[h], K)[1]) for h, ix in enumerate(indexes)])[None]
 
             t, times, got = median_time(search, reps)
-            entry["efSearch"][ef] = {"median_s": t, "times_s": times, **recall(got, q, keys, ref_s, ref_i),
+            entry["efSearch"][ef] = {"median_s": t, "times_s": times, **against_exact(got),
                                      "speedup_vs_exact": row["exact"]["median_s"] / t}
             print(f"  n={n}: hnsw M={m_links} ef {ef}: {t:.4f}s recall {entry['efSearch'][ef]['recall']:.4f}",
                   flush=True)

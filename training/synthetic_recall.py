@@ -42,7 +42,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 KEYS, VALUES = string.ascii_uppercase, string.ascii_lowercase
-FILLER, SPECIAL = ".", ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+FILLER = "."
+SPECIAL = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "[BOS]", "eos_token": "[EOS]"}
 SEGMENT = 64  # local context: tokens per segment (configs/recall_memory.yaml)
 SEGMENTS = 17  # per document: the definitions' segment and 16 more
 DEFINITIONS = 16  # one per slot of the first segment
@@ -63,13 +64,11 @@ def write_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     carries v): the task measures whether the model reaches the definition, not whether a tiny model trained for
     minutes forms an induction circuit (with one token per character it did not; docs/results.md, section 3).
     """
-    words = SPECIAL + [FILLER] + [f"?{key}" for key in KEYS] + [binding(k, v) for k in KEYS for v in VALUES]
-    model = tokenizers.models.WordLevel({word: index for index, word in enumerate(words)}, unk_token="[UNK]")
-    backend = tokenizers.Tokenizer(model)
+    words = [*SPECIAL.values(), FILLER, *(f"?{key}" for key in KEYS), *(binding(k, v) for k in KEYS for v in VALUES)]
+    vocabulary = {word: index for index, word in enumerate(words)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, unk_token=SPECIAL["unk_token"]))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL)
     tokenizer.save_pretrained(folder)
     return tokenizer
 
