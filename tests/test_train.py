@@ -92,7 +92,7 @@ def test_every_shipped_recipe_is_valid() -> None:
     suites = [path for path in files if "models" in yaml.safe_load(path.read_text())]  # training/evaluate.py's
     recipes = [path for path in files if path not in suites]
     assert {path.name for path in recipes} >= {"tiny_smoke.yaml", "smollm2_stdlib.yaml"}
-    assert {path.name for path in suites} == {"eval_table4.yaml", "eval_long_document.yaml"}
+    assert {path.name for path in suites} == {"eval_table4.yaml", "eval_long_document.yaml", "eval_gate_zero_shot.yaml"}
     for path in recipes:
         config = train.load_config(path)
         assert config["training"]["output_dir"] and config["data"]["source"]

@@ -234,21 +234,30 @@ def plot(rows: list[dict], corpora: list[str], path: Path) -> None:
     sizes = sorted({row["memory_size"] for row in rows if row["window"] is None})
     position = {size: index for index, size in enumerate(sizes)}
     names = [_curve(row) for row in rows if row["window"] is None and row["perplexity"]]
-    colors = {name: f"C{index}" for index, name in enumerate(dict.fromkeys(names))}  # the same colour in every panel
-    figure, axes = plt.subplots(1, len(corpora), figsize=(4.2 * len(corpora), 4), squeeze=False)
+    palette = plt.get_cmap("tab20").colors  # ten strong colours, then their light shades: 20 distinct lines
+    palette = palette[::2] + palette[1::2]
+    colors = {name: palette[index % 20] for index, name in enumerate(dict.fromkeys(names))}  # same in every panel
+    columns = len(corpora)  # legend entries per line: one per panel's width
+    legend_lines = -(-len(colors) // columns)
+    height = 4 + 0.25 * legend_lines
+    figure, axes = plt.subplots(1, len(corpora), figsize=(4.2 * len(corpora), height), squeeze=False)
     for axis, corpus in zip(axes[0], corpora):
         lines: dict[str, list[tuple[int, float]]] = {}
+        windows = 0
         for row in rows:
             if corpus not in row["perplexity"]:
                 continue
-            if row["window"] is not None:
+            if row["window"] is not None:  # labels alternate between the ends so that close lines stay legible
+                right = windows % 2 == 1
+                windows += 1
                 axis.axhline(row["perplexity"][corpus], linestyle="--", linewidth=1, color="gray")
                 axis.annotate(
                     f"{row['label']}: {row['setting'].split(' /')[0]}",
-                    (0, row["perplexity"][corpus]),
+                    (len(sizes) - 1 if right else 0, row["perplexity"][corpus]),
                     fontsize=7,
                     color="gray",
                     va="bottom",
+                    ha="right" if right else "left",
                 )
                 continue
             lines.setdefault(_curve(row), []).append((position[row["memory_size"]], row["perplexity"][corpus]))
@@ -265,8 +274,8 @@ def plot(rows: list[dict], corpora: list[str], path: Path) -> None:
         for handle, label in zip(*axis.get_legend_handles_labels()):
             legend.setdefault(label, handle)
     handles, labels = list(legend.values()), list(legend)
-    figure.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8)
-    figure.tight_layout(rect=(0, 0.12, 1, 1))
+    figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8)
+    figure.tight_layout(rect=(0, (0.15 + 0.25 * legend_lines) / height, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
