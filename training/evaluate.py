@@ -242,25 +242,23 @@ def plot(rows: list[dict], corpora: list[str], path: Path) -> None:
     height = 4 + 0.25 * legend_lines
     figure, axes = plt.subplots(1, len(corpora), figsize=(4.2 * len(corpora), height), squeeze=False)
     for axis, corpus in zip(axes[0], corpora):
+        shown = [row for row in rows if corpus in row["perplexity"]]
+        windows = [row for row in shown if row["window"] is not None]
+        for index, row in enumerate(windows):  # labels alternate between the ends so that close lines stay legible
+            right = index % 2 == 1
+            axis.axhline(row["perplexity"][corpus], linestyle="--", linewidth=1, color="gray")
+            axis.annotate(
+                f"{row['label']}: {row['setting'].split(' /')[0]}",
+                (len(sizes) - 1 if right else 0, row["perplexity"][corpus]),
+                fontsize=7,
+                color="gray",
+                va="bottom",
+                ha="right" if right else "left",
+            )
         lines: dict[str, list[tuple[int, float]]] = {}
-        windows = 0
-        for row in rows:
-            if corpus not in row["perplexity"]:
-                continue
-            if row["window"] is not None:  # labels alternate between the ends so that close lines stay legible
-                right = windows % 2 == 1
-                windows += 1
-                axis.axhline(row["perplexity"][corpus], linestyle="--", linewidth=1, color="gray")
-                axis.annotate(
-                    f"{row['label']}: {row['setting'].split(' /')[0]}",
-                    (len(sizes) - 1 if right else 0, row["perplexity"][corpus]),
-                    fontsize=7,
-                    color="gray",
-                    va="bottom",
-                    ha="right" if right else "left",
-                )
-                continue
-            lines.setdefault(_curve(row), []).append((position[row["memory_size"]], row["perplexity"][corpus]))
+        for row in shown:
+            if row["window"] is None:
+                lines.setdefault(_curve(row), []).append((position[row["memory_size"]], row["perplexity"][corpus]))
         for curve, points in lines.items():
             x, y = zip(*sorted(points))
             axis.plot(x, y, "o-" if len(points) > 1 else "s", label=curve, color=colors[curve])
