@@ -7,7 +7,7 @@ gradient flows into the past). It is kept per batch row, cleared with the row's 
 and saved in memory files with the kNN memory.
 
 The cache is applied inside the registered attention function (it prepends the previous segment to every layer's
-keys and values) rather than through transformers' `past_key_values`, so it is idempotent: a recomputation under
+keys and values) rather than through transformers' cache argument, so it is idempotent: a recomputation under
 gradient checkpointing sees the same previous segment and records the same new one.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from transformers import DynamicCache
 
-from .rotary import rotate_by
+from .rotary import Rotary
 
 
 class XLCache:
@@ -100,13 +100,13 @@ class XLCache:
         new: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
         real: torch.Tensor,
         start: int,
-        inv_freq: torch.Tensor | None,
+        rotary: Rotary | None,
     ) -> None:
         """Keep the segment just read (`new`: layer -> its keys/values, rotated at positions `start`, `start + 1`, ...)
         as the previous segment, moved to positions 0, 1, ... for the next call."""
         for layer, (key, value) in new.items():
-            if inv_freq is not None and start:
-                key = rotate_by(key, torch.full(real.shape, -start, device=key.device), inv_freq)
+            if rotary is not None and start:
+                key = rotary.rotate(key, torch.full(real.shape, -start, device=key.device))
             self.keys[layer], self.values[layer] = key.detach(), value.detach()
         self.valid = real.clone()
 
@@ -198,7 +198,7 @@ class MemorizingCache(DynamicCache):
         return max(excess, 0) if force or excess >= self.evict_every else 0
 
     @torch.no_grad()
-    def evict(self, count: int, inv_freq: torch.Tensor | None) -> dict[str, object]:
+    def evict(self, count: int, rotary: Rotary | None) -> dict[str, object]:
         """Remove `count` columns after the sinks. Returns their keys/values per layer and their column data; the
         keys behind them are rotated back by the number of real tokens removed in their row."""
         start, end = self.sink_columns, self.sink_columns + count
@@ -214,13 +214,13 @@ class MemorizingCache(DynamicCache):
         shift = removed["real"].sum(dim=1)
         for layer in self.layers:
             kept = layer.keys[:, :, end:]
-            if inv_freq is not None and kept.shape[2]:
-                kept = rotate_by(kept, -shift.unsqueeze(1).expand(-1, kept.shape[2]), inv_freq)
+            if rotary is not None and kept.shape[2]:
+                kept = rotary.rotate(kept, -shift.unsqueeze(1).expand(-1, kept.shape[2]))
             layer.keys = torch.cat((layer.keys[:, :, :start], kept), dim=2)
             layer.values = torch.cat((layer.values[:, :, :start], layer.values[:, :, end:]), dim=2)
-        kept_positions = self.positions[:, end:] - (shift.unsqueeze(1) if inv_freq is not None else 0)
+        kept_positions = self.positions[:, end:] - (shift.unsqueeze(1) if rotary is not None else 0)
         self.positions = torch.cat((self.positions[:, :start], kept_positions), dim=1)
-        if inv_freq is None:
+        if rotary is None:
             self.offset = self.offset + shift
         for name in ("real", "storable", "doc_positions"):
             tensor = getattr(self, name)

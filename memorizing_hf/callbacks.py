@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from accelerate.utils import extract_model_from_parallel
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from ._compat import checkpoint_folder_prefix, counts_predicted_labels, last_checkpoint
 from .data import DocumentStreams
 from .modeling_memorizing import MemorizingForCausalLM
 
@@ -72,11 +72,12 @@ class MemoryCallback(TrainerCallback):
             extract_model_from_parallel(kwargs["model"]).reset_memory()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        folder = Path(args.output_dir) / f"{checkpoint_folder_prefix()}-{state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
         extract_model_from_parallel(kwargs["model"]).save_memory(folder / memory_file_name(args))
 
 
+@counts_predicted_labels
 class MemorizingTrainer(Trainer):
     """A `Trainer` for `MemorizingForCausalLM` that manages its memory (see the module docstring).
 
@@ -145,7 +146,7 @@ class MemorizingTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """`Trainer.train`; when resuming, the memory saved in the checkpoint is restored too."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: the Trainer raises
+            resume_from_checkpoint = last_checkpoint(self.args.output_dir) or True  # True: the Trainer raises
         resumes = isinstance(resume_from_checkpoint, (str, os.PathLike))
         self.memory_callback.resume_from = str(resume_from_checkpoint) if resumes else None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -194,16 +195,6 @@ class MemorizingTrainer(Trainer):
         for layer, shares in outputs["memory_stats"].get("memory_share", {}).items():
             self._memory_shares[layer].append(shares)
         return (loss, outputs) if return_outputs else loss
-
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
-        """The number of predicted tokens, `labels[..., 1:]`, on every supported transformers release.
-
-        The causal LM loss never predicts a row's first label; older transformers releases (5.3 among them) counted
-        it anyway, which scaled every loss by (tokens - rows) / tokens and made evaluation and gradient accumulation
-        differ from the plain mean."""
-        if not hasattr(self, "_loss_shifts_labels") and batch_samples and "labels" in batch_samples[0]:
-            batch_samples = [{**batch, "labels": batch["labels"][..., 1:]} for batch in batch_samples]
-        return super()._get_num_items_in_batch(batch_samples, device)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """`Trainer.log`; training logs (those with "loss") also get the memory statistics."""

@@ -8,11 +8,19 @@ retrieved entries are mixed with local attention.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-from transformers import AutoConfig, PretrainedConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers import AutoConfig, PretrainedConfig, logging
+
+from ._compat import (
+    attention_implementation,
+    causal_lm_class,
+    implementations,
+    set_implementations,
+    supports_attention_interface,
+)
+
+logger = logging.get_logger(__name__)
 
 COMBINE_MODES = ("gate", "joint")
 RETRIEVAL_BACKENDS = ("exact", "faiss")
@@ -20,17 +28,6 @@ FAISS_INDEX_KINDS = ("flat", "ivf")
 ROTARY_PLACEMENTS = ("fixed", "absolute", "none")
 MEMORY_DTYPES = ("float32", "bfloat16", "float16")
 LOCAL_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-
-
-def _causal_lm_class(model_type: str) -> type | None:
-    """The transformers causal-LM class registered for `model_type`, or None."""
-    class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if isinstance(class_name, (tuple, list)):
-        class_name = class_name[0]
-    if class_name is None:
-        return None
-    module = importlib.import_module("transformers")
-    return getattr(module, class_name, None)
 
 
 class MemorizingConfig(PretrainedConfig):
@@ -85,8 +82,11 @@ class MemorizingConfig(PretrainedConfig):
         memory_query_offset (`int`, *optional*):
             The relative distance at which `"fixed"` placement puts every memory entry; defaults to the number of
             keys local attention sees in the current call (the local window).
-        local_attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
-            Attention implementation used for local attention and for every layer without memory.
+        local_attn_implementation (`str`, *optional*):
+            Attention implementation used for local attention and for every layer without memory: `"sdpa"` or
+            `"eager"`. Defaults to the base model's own choice (eager for Gemma2, whose logit soft-capping sdpa cannot
+            do; sdpa for a base that chose another implementation, e.g. flash attention, since streaming and the XL
+            cache need explicit masks).
         local_window (`int`, *optional*, defaults to 1024):
             Tokens of local attention when streaming long inputs and generating (besides the `sink_tokens`, which
             never leave); tokens leaving the window are written to memory.
@@ -121,7 +121,7 @@ class MemorizingConfig(PretrainedConfig):
         never_store_token_ids: list[int] | None = None,
         rotary_placement: str = "fixed",
         memory_query_offset: int | None = None,
-        local_attn_implementation: str = "sdpa",
+        local_attn_implementation: str | None = None,
         local_window: int = 1024,
         xl_cache: bool = False,
         xl_sink_tokens: int = 1,
@@ -166,6 +166,8 @@ class MemorizingConfig(PretrainedConfig):
         _check_choice("faiss_index", faiss_index, FAISS_INDEX_KINDS)
         _check_choice("combine", combine, COMBINE_MODES)
         _check_choice("rotary_placement", rotary_placement, ROTARY_PLACEMENTS)
+        if local_attn_implementation is None:
+            local_attn_implementation = _base_attention(text_config)
         _check_choice("local_attn_implementation", local_attn_implementation, LOCAL_ATTN_IMPLEMENTATIONS)
         for name, value in (("sink_tokens", sink_tokens), ("xl_sink_tokens", xl_sink_tokens)):
             if not isinstance(value, int) or value < 0:
@@ -199,7 +201,9 @@ class MemorizingConfig(PretrainedConfig):
         self.xl_sink_tokens = xl_sink_tokens
         for name in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
             kwargs.setdefault(name, getattr(text_config, name, None))
+        chosen = implementations(text_config)
         super().__init__(**kwargs)
+        set_implementations(text_config, chosen)  # PretrainedConfig.__init__ reset them: keep the base model's
 
     @property
     def memory_attn_implementation(self) -> str:
@@ -214,6 +218,19 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...], allow_none: b
         raise ValueError(f"Unknown {name} {value!r}: choose one of {', '.join(repr(c) for c in choices)}.")
 
 
+def _base_attention(text_config: PretrainedConfig) -> str:
+    """The local attention implementation that follows the base model's own: eager or sdpa as it chose; sdpa for
+    anything else (flash and flex attention take masks in other forms than the explicit ones streaming needs)."""
+    chosen = (attention_implementation(text_config) or "sdpa").removeprefix("memorizing_")
+    if chosen not in LOCAL_ATTN_IMPLEMENTATIONS:
+        logger.warning(
+            f"The base model uses {chosen!r} attention; memorizing-hf runs its local attention with 'sdpa' (streaming "
+            "and the XL cache pass explicit masks). Set local_attn_implementation='eager' or 'sdpa' to choose."
+        )
+        chosen = "sdpa"
+    return chosen
+
+
 def _check_decoder(text_config: PretrainedConfig) -> None:
     """Refuse base models that are not decoder-only LMs whose attention goes through the attention interface."""
     model_type = getattr(text_config, "model_type", None)
@@ -222,13 +239,13 @@ def _check_decoder(text_config: PretrainedConfig) -> None:
             f"text_config is an encoder-decoder model ({model_type!r}); memorizing-hf wraps decoder-only causal "
             "language models (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, Gemma, ...)."
         )
-    model_class = _causal_lm_class(model_type)
+    model_class = causal_lm_class(text_config)
     if model_class is None:
         raise ValueError(
             f"text_config has model_type {model_type!r}, which has no causal language model in transformers; "
             "memorizing-hf wraps decoder-only causal language models (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, ...)."
         )
-    if not getattr(model_class, "_supports_attention_backend", False):
+    if not supports_attention_interface(model_class):
         raise ValueError(
             f"{model_class.__name__} does not route its attention through transformers' AttentionInterface, which "
             "memorizing-hf patches; pick a model whose attention does (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, "

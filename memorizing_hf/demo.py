@@ -76,7 +76,7 @@ def guessed(model: MemorizingForCausalLM, ids: torch.Tensor, cut: int, window: i
     span = ids[cut - LEAD_IN : cut + NEW_TOKENS]
     tokens = (torch.cat([span, span]) if twice else span)[None]
     cache = MemorizingCache(window, model.config.sink_tokens)
-    logits = model(tokens, past_key_values=cache, update_memory=False, logits_to_keep=0).logits
+    logits = model(tokens, cache=cache, update_memory=False, logits_to_keep=0).logits
     return int((logits[0, -NEW_TOKENS - 1 : -1].argmax(-1) == tokens[0, -NEW_TOKENS:]).sum())
 
 

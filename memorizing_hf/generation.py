@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationMixin
-from transformers.utils import logging
+from transformers import GenerationMixin, logging
 
+from ._compat import cache_kwargs, pop_cache, set_output_cache
 from .cache import MemorizingCache
 
 PROGRESS_CHUNKS = 8  # inputs of at least this many windows are read with a progress bar
@@ -33,19 +33,19 @@ class MemorizingGenerationMixin(GenerationMixin):
             window: tokens of local attention (besides the sinks); defaults to `config.local_window`. Longer prompts
                 are read in chunks of this size and what leaves the window goes to memory.
             update_memory (`bool`, passed through to `forward`, defaults to `True`): write what leaves the window and,
-                at the end, the rest of the window (but the sinks), so that the next call can retrieve all of it.
+                at the end, the rest of the window (but the sinks), so that the next call can retrieve every token it
+                read: the prompt and the output but its last token, which `generate` never feeds back to the model.
                 `False` leaves the memory exactly as it was.
 
         Beam search: the beams of a prompt share its memory row; the best beam writes for them. Everything else is
         as in transformers (sampling, streamers, `max_new_tokens`, batched left-padded prompts, ...).
         """
-        cache = kwargs.get("past_key_values")
+        cache = pop_cache(kwargs)
         if cache is None:
             generation_config = kwargs.get("generation_config") or self.generation_config
             beams = kwargs.get("num_beams") or generation_config.num_beams or 1
             cache = MemorizingCache(window or self.config.local_window, self.config.sink_tokens, beams=beams)
-            kwargs["past_key_values"] = cache
-        output = super().generate(inputs, *args, **kwargs)
+        output = super().generate(inputs, *args, **cache_kwargs(cache), **kwargs)
         if isinstance(cache, MemorizingCache) and kwargs.get("update_memory", True) and cache.sink_columns is not None:
             self._evict(cache, cache.columns - cache.sink_columns, write=True)
         return output
@@ -89,13 +89,11 @@ class MemorizingGenerationMixin(GenerationMixin):
         step = cache.window
         for start in tqdm(range(0, length, step), desc="memorize", unit="chunk", disable=not progress):
             end = min(start + step, length)
-            self(
-                input_ids[:, start:end], attention_mask=attention_mask[:, :end], past_key_values=cache, logits_to_keep=1
-            )
+            self(input_ids[:, start:end], attention_mask=attention_mask[:, :end], cache=cache, logits_to_keep=1)
         self._evict(cache, cache.columns - cache.sink_columns, write=True)
         return self.memory.entries()
 
-    # -- streaming forward (called by `forward` when `past_key_values` is a MemorizingCache)
+    # -- streaming forward (called by `forward` when its cache is a MemorizingCache)
     def _stream_forward(
         self,
         input_ids: torch.LongTensor | None,
@@ -142,10 +140,10 @@ class MemorizingGenerationMixin(GenerationMixin):
                 inputs_embeds=inputs_embeds[:, start:end] if inputs_embeds is not None else None,
                 attention_mask=cache.attention_mask(chunk_real),
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=True,
                 memory_context=context,
                 logits_to_keep=logits_to_keep if end == tokens else 1,
+                **cache_kwargs(cache),
                 **kwargs,
             )
             cache.append(chunk_real, store, doc_positions, positions)
@@ -155,21 +153,21 @@ class MemorizingGenerationMixin(GenerationMixin):
             logits.append(outputs.logits)
         if isinstance(logits_to_keep, int) and logits_to_keep == 0:
             outputs.logits = torch.cat(logits, dim=1)
-        outputs.past_key_values = cache
+        set_output_cache(outputs, cache)
         return outputs
 
     def _evict(self, cache: MemorizingCache, count: int, write: bool) -> None:
         """Remove `count` columns after the sinks from the cache; write them to memory if `write`."""
         if count <= 0:
             return
-        inv_freq = self._inv_freq()
-        removed = cache.evict(count, inv_freq)
+        rotary = self._rotary()
+        removed = cache.evict(count, rotary)
         if not write:
             return
         store = removed["storable"] & removed["real"]
         for layer, knn in self.knn_attention.items():
             keys, values = removed["layers"][int(layer)]
-            knn.write(keys, values, removed["positions"], inv_freq, store, removed["doc_positions"], cache.beams)
+            knn.write(keys, values, removed["positions"], rotary, store, removed["doc_positions"], cache.beams)
 
     def _check_positions(self, positions: torch.Tensor) -> None:
         limit = getattr(self.config.text_config, "max_position_embeddings", None)

@@ -29,20 +29,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers import initialization as init
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, cached_file
 
+from ._compat import (
+    ModelOutput,
+    WrapperPreTrainedModel,
+    attention_function,
+    attention_scaling,
+    cache_kwargs,
+    cached_file,
+    constant_,
+    pop_cache,
+    register_attention,
+    tie_weights_left_unloaded,
+)
 from .cache import MemorizingCache, XLCache
 from .configuration_memorizing import LOCAL_ATTN_IMPLEMENTATIONS, MemorizingConfig
 from .generation import MemorizingGenerationMixin
 from .memory import KNNMemory, MemoryBank, RetrievalBackend
-from .rotary import rotate_by
+from .rotary import Rotary
 
-# Base models whose rotary embedding rotates interleaved pairs (x0, x1), (x2, x3), ... instead of the two halves
-# of the head dimension. Memory placement "fixed"/"none" de-rotates with the half layout, so they need "absolute".
-_INTERLEAVED_ROTARY_MODEL_TYPES = {"gptj", "codegen", "cohere", "cohere2", "glm", "glm4", "chatglm", "deepseek_v2"}
 # Name of the memory file that travels beside the weights of a checkpoint (`from_pretrained(..., memory_file=...)`).
 MEMORY_FILE_NAME = "memory.safetensors"
 # `from_pretrained` arguments that say where files of a checkpoint are found; a memory file is found the same way.
@@ -59,7 +64,7 @@ class MemoryContext:
         positions: `[batch, tokens]` position ids of the new tokens (rotary placement).
         window: `[batch]` real tokens local attention sees in this call (cache + new), the default distance at
             which "fixed" placement puts memory entries.
-        inv_freq: the base model's rotary inverse frequencies (None without rotary embeddings).
+        rotary: the base model's rotary embedding (None without rotary embeddings).
         doc_positions: `[batch, tokens]` positions of the new tokens in their documents (stored with each entry).
         store: `[batch, tokens]` bool, which new tokens to write to memory.
         write: whether this call writes to memory at all (False: read-only).
@@ -75,7 +80,7 @@ class MemoryContext:
     layers: dict[int, KNNAttention]
     positions: torch.Tensor
     window: torch.Tensor
-    inv_freq: torch.Tensor | None
+    rotary: Rotary | None
     doc_positions: torch.Tensor
     store: torch.Tensor
     write: bool = True
@@ -116,9 +121,9 @@ class KNNAttention(nn.Module):
     def _place_queries(self, query: torch.Tensor, context: MemoryContext) -> torch.Tensor:
         if self.rotary_placement == "fixed":
             offset = self.query_offset if self.query_offset is not None else context.window.unsqueeze(1)
-            query = rotate_by(query, offset - context.positions, context.inv_freq)
+            query = context.rotary.rotate(query, offset - context.positions)
         elif self.rotary_placement == "none":
-            query = rotate_by(query, -context.positions, context.inv_freq)
+            query = context.rotary.rotate(query, -context.positions)
         return F.normalize(query, dim=-1) if self.combine == "gate" else query
 
     @torch.no_grad()
@@ -127,7 +132,7 @@ class KNNAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         positions: torch.Tensor,
-        inv_freq: torch.Tensor | None,
+        rotary: Rotary | None,
         store: torch.Tensor,
         doc_positions: torch.Tensor,
         beams: int = 1,
@@ -135,7 +140,7 @@ class KNNAttention(nn.Module):
         """Write keys/values `[B, Hkv, T, D]` (keys as local attention saw them: rotated at `positions` `[B, T]`) to
         memory, placed for retrieval. With beams, the first beam of each prompt writes for the prompt."""
         if self.rotary_placement in ("fixed", "none"):
-            key = rotate_by(key, -positions, inv_freq)
+            key = rotary.rotate(key, -positions)
         if self.combine == "gate":
             key = F.normalize(key, dim=-1)
         self.memory.write(key[::beams], value[::beams], store[::beams], doc_positions[::beams])
@@ -175,8 +180,13 @@ class KNNAttention(nn.Module):
         retrieval is stashed in the context: a recomputation under gradient checkpointing reuses it and does not write.
         """
         batch, _, tokens, dim = query.shape
-        if scaling is None:  # some models (GPT-2 before transformers 5.4) leave the default scale to the function
-            scaling = getattr(module, "scaling", None) or dim**-0.5
+        if key.shape[1] != self.num_kv_heads or key.shape[3] != self.memory.head_dim:
+            raise ValueError(
+                f"Layer {self.layer_idx} computes {key.shape[1]} key/value heads of {key.shape[3]} dims, but its "
+                f"memory was built for {self.num_kv_heads} of {self.memory.head_dim}: the attention module differs "
+                "from the one the memory was sized for."
+            )
+        scaling = attention_scaling(module, scaling, dim)
         first_pass = self.layer_idx not in context.stash
         uses_memory = not self.memory.is_empty() if first_pass else context.stash[self.layer_idx] is not None
         if not uses_memory:
@@ -217,7 +227,7 @@ class KNNAttention(nn.Module):
                 key[:, :, -tokens:],
                 value[:, :, -tokens:],
                 context.positions,
-                context.inv_freq,
+                context.rotary,
                 context.store,
                 context.doc_positions,
                 context.beams,
@@ -319,7 +329,7 @@ def _memorizing_attention(local_name: str) -> Callable:
         memory_context: MemoryContext | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        local = ALL_ATTENTION_FUNCTIONS[local_name] if local_name != "eager" else _eager_attention
+        local = attention_function(local_name) if local_name != "eager" else _eager_attention
         if memory_context is None:
             return local(module, query, key, value, attention_mask, **kwargs)
         layer = getattr(module, "layer_idx", None)
@@ -362,9 +372,7 @@ def _eager_attention(
 def register_attention_functions() -> None:
     """Register `memorizing_<local>` attention and mask functions with transformers (idempotent)."""
     for local_name in LOCAL_ATTN_IMPLEMENTATIONS:
-        name = f"memorizing_{local_name}"
-        ALL_ATTENTION_FUNCTIONS.register(name, _memorizing_attention(local_name))
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[local_name])
+        register_attention(f"memorizing_{local_name}", _memorizing_attention(local_name), local_name)
 
 
 register_attention_functions()
@@ -379,22 +387,37 @@ def _find_rotary_embedding(model: nn.Module) -> str | None:
     return None
 
 
-class MemorizingPreTrainedModel(PreTrainedModel):
+def _attention_geometry(model: nn.Module, layers: list[int]) -> tuple[int, int]:
+    """Key/value heads and head dim of the memory layers' attention modules, as the base model built them (a config
+    may carry fields its model ignores, e.g. num_key_value_heads on OPT)."""
+    text = model.config
+    found = set()
+    for module in model.modules():
+        if getattr(module, "layer_idx", None) not in layers or "Attention" not in type(module).__name__:
+            continue
+        head_dim = getattr(module, "head_dim", None) or getattr(module, "head_size", None)
+        heads = getattr(module, "num_heads", None) or text.num_attention_heads
+        found.add((heads // getattr(module, "num_key_value_groups", 1), head_dim or text.hidden_size // heads))
+    if len(found) != 1:
+        raise ValueError(
+            f"Cannot tell the key/value heads of layers {layers} of {type(model).__name__} from its attention modules "
+            f"(found {sorted(found) or 'none'}); memorizing-hf needs attention modules with a layer_idx."
+        )
+    return found.pop()
+
+
+class MemorizingPreTrainedModel(WrapperPreTrainedModel):
     config_class = MemorizingConfig
     base_model_prefix = "language_model"
     supports_gradient_checkpointing = True
-    _supports_sdpa = True
-    _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, KNNAttention) and module.combine == "gate":
-            # transformers' init helpers skip parameters that were loaded from a checkpoint
-            scale = self.config.memory_scale_init or math.sqrt(module.memory.head_dim)
-            init.constant_(module.gate_bias, self.config.gate_init)
-            init.constant_(module.memory_scale, scale)
-        elif isinstance(getattr(self, "language_model", None), PreTrainedModel):
-            self.language_model._init_weights(module)
+    def init_own_weights(self, module: nn.Module) -> bool:
+        if not isinstance(module, KNNAttention):
+            return False
+        if module.combine == "gate":  # transformers' init helpers skip parameters loaded from a checkpoint
+            constant_(module.gate_bias, self.config.gate_init)
+            constant_(module.memory_scale, self.config.memory_scale_init or math.sqrt(module.memory.head_dim))
+        return True
 
 
 class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin):
@@ -408,24 +431,20 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
 
     def __init__(self, config: MemorizingConfig, language_model: PreTrainedModel | None = None) -> None:
         super().__init__(config)
-        text_config = config.text_config
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(
-                text_config, attn_implementation=config.memory_attn_implementation
+                config.text_config, attn_implementation=config.memory_attn_implementation
             )
-        _set_attn_implementation(language_model, config.memory_attn_implementation)
+        language_model.set_attn_implementation(config.memory_attn_implementation)
         self.language_model = language_model
         self.config.text_config = language_model.config
         # Looked up by name at every call: loading may replace the buffer after construction (meta-device init).
         self._rotary_embedding = _find_rotary_embedding(language_model)
+        self._rotary_cache: Rotary | None = None
         if self._rotary_embedding is not None and config.rotary_placement != "absolute":
-            if getattr(text_config, "model_type", None) in _INTERLEAVED_ROTARY_MODEL_TYPES:
-                raise ValueError(
-                    f"{text_config.model_type} rotates interleaved dimension pairs; rotary_placement="
-                    f"{config.rotary_placement!r} assumes the rotate-half layout. Use rotary_placement='absolute'."
-                )
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+            if not self.language_model.get_submodule(self._rotary_embedding).inv_freq.is_meta:
+                self._rotary()  # an unknown layout is refused now, not at the first forward
+        kv_heads, head_dim = _attention_geometry(language_model, config.memory_layers)
         self.memory = MemoryBank(
             layers=config.memory_layers,
             capacity=config.memory_size,
@@ -478,6 +497,7 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
         """`PreTrainedModel.from_pretrained`, plus `memory_file`: a memory file to load, by name beside the weights
         (e.g. `"memory.safetensors"`, found in the same folder or Hub repo and revision) or as a path."""
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        tie_weights_left_unloaded(model.language_model)
         if memory_file is not None:
             model.load_memory(memory_file, **{name: kwargs[name] for name in _HUB_KWARGS if name in kwargs})
         return model
@@ -525,9 +545,7 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
         path = Path(path)
         if path.is_file() or path.is_absolute() or not self.name_or_path:
             return path
-        found = cached_file(
-            self.name_or_path, path.as_posix(), _raise_exceptions_for_missing_entries=False, **hub_kwargs
-        )
+        found = cached_file(self.name_or_path, path.as_posix(), **hub_kwargs)
         if found is None:
             raise FileNotFoundError(
                 f"No memory file {str(path)!r}: not a file here, nor beside the weights in {self.name_or_path!r}."
@@ -552,7 +570,7 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         memory_reset: torch.Tensor | None = None,
@@ -572,11 +590,13 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
             Add `memory_stats` to the output: entries per row, and per-head gate values (gate mode) or the share of
             attention that goes to memory (joint mode), per memory layer.
 
-        With `past_key_values` a `MemorizingCache` (as `generate` and `memorize` use), the input is streamed through
-        a bounded local window instead, and what leaves the window is written to memory.
+        With `cache` a `MemorizingCache` (as `generate` and `memorize` use), the input is streamed through a bounded
+        local window instead, and what leaves the window is written to memory. The cache is also accepted under its
+        name before transformers 5.24, `past_key_values`.
 
         Returns the base model's output (e.g. `CausalLMOutputWithPast`, with `loss` when `labels` are given).
         """
+        cache = pop_cache(kwargs, cache)
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
             raise ValueError("Pass input_ids or inputs_embeds.")
@@ -589,7 +609,7 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
                     f"memory_reset must be a bool tensor of shape ({batch},) (one flag per batch row), got "
                     f"{memory_reset.dtype} of shape {tuple(memory_reset.shape)}."
                 )
-        if isinstance(past_key_values, MemorizingCache):
+        if isinstance(cache, MemorizingCache):
             if labels is not None or memory_reset is not None:
                 raise ValueError(
                     "labels and memory_reset are for segment-by-segment reading, not with a MemorizingCache."
@@ -599,7 +619,7 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
                 input_ids,
                 inputs_embeds,
                 attention_mask,
-                past_key_values,
+                cache,
                 update_memory,
                 stats,
                 logits_to_keep=logits_to_keep,
@@ -611,7 +631,7 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
         if memory_reset is not None:
             self.memory.reset(memory_reset)
             self.xl_cache.reset(memory_reset)
-        xl = self.xl_cache if self.config.xl_cache and past_key_values is None else None
+        xl = self.xl_cache if self.config.xl_cache and cache is None else None
         offset = xl.length if xl is not None else 0
         max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
         if offset and max_positions and offset + tokens > max_positions:
@@ -625,7 +645,7 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
         else:
             real = torch.ones(batch, tokens, dtype=torch.bool, device=device)
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -tokens:]
             else:
@@ -636,8 +656,8 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
         window = real.sum(dim=1)
         if xl is not None and offset:
             window = window + xl.valid.to(device).sum(dim=1)
-        if past_key_values is not None:
-            window = window + past_key_values.get_seq_length()
+        if cache is not None:
+            window = window + cache.get_seq_length()
         context = self._memory_context(
             position_ids,
             window,
@@ -651,17 +671,17 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             memory_context=context,
+            **cache_kwargs(cache),
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
         if update_memory:
             self.memory.advance(real)
             if xl is not None:
-                xl.advance(context.xl_new, real, offset, context.inv_freq)
+                xl.advance(context.xl_new, real, offset, context.rotary)
         return with_memory_stats(outputs, context.stats) if output_memory_stats else outputs
 
     def _memory_context(
@@ -679,7 +699,7 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
             layers={int(i): module for i, module in self.knn_attention.items()},
             positions=positions,
             window=window,
-            inv_freq=self._inv_freq(),
+            rotary=self._rotary(),
             doc_positions=doc_positions,
             store=store,
             write=write,
@@ -688,10 +708,15 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
             beams=beams,
         )
 
-    def _inv_freq(self) -> torch.Tensor | None:
-        """The base model's rotary inverse frequencies (None without rotary embeddings)."""
-        rotary = self._rotary_embedding
-        return self.language_model.get_submodule(rotary).inv_freq if rotary is not None else None
+    def _rotary(self) -> Rotary | None:
+        """The base model's rotary embedding (None without one), re-read when its frequencies change (loading,
+        moving to another device, dynamic scaling)."""
+        if self._rotary_embedding is None:
+            return None
+        embedding = self.language_model.get_submodule(self._rotary_embedding)
+        if self._rotary_cache is None or self._rotary_cache.inv_freq is not embedding.inv_freq:
+            self._rotary_cache = Rotary.of(embedding)
+        return self._rotary_cache
 
     def _storable(self, input_ids: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:
         """Tokens that may be written to memory: real (not padding) and not a never-stored id such as BOS."""
@@ -717,15 +742,6 @@ def _output_class_with_memory_stats(output_class: type[ModelOutput]) -> type[Mod
 def with_memory_stats(outputs: ModelOutput, stats: dict[str, Any] | None) -> ModelOutput:
     """The base model's output with `memory_stats` added."""
     return _output_class_with_memory_stats(type(outputs))(**outputs, memory_stats=stats)
-
-
-def _set_attn_implementation(model: PreTrainedModel, name: str) -> None:
-    """Point the base model's attention at the registered memorizing function."""
-    model.config._attn_implementation = name
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and config is not model.config and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = name
 
 
 def _make_backend(config: MemorizingConfig) -> RetrievalBackend:

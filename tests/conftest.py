@@ -33,7 +33,17 @@ def _llama_like(config_class: type, **extra: object) -> Callable[[], transformer
 TINY_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "llama": _llama_like(transformers.LlamaConfig),
     "qwen2": _llama_like(transformers.Qwen2Config),
+    "qwen3": _llama_like(transformers.Qwen3Config, head_dim=8),
     "mistral": _llama_like(transformers.MistralConfig, sliding_window=None),
+    "mixtral": _llama_like(transformers.MixtralConfig, num_local_experts=2, num_experts_per_tok=1),
+    "starcoder2": _llama_like(transformers.Starcoder2Config, residual_dropout=0.0, embedding_dropout=0.0),
+    "olmo2": _llama_like(transformers.Olmo2Config, pad_token_id=0),
+    "granite": _llama_like(transformers.GraniteConfig, attention_multiplier=0.2, pad_token_id=0),
+    "phi3": _llama_like(transformers.Phi3Config, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # partial rotary: only half of each head's dims rotate
+    "phi": _llama_like(transformers.PhiConfig, partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0),
+    # interleaved rotary pairs (x0, x1), (x2, x3), ...
+    "cohere": _llama_like(transformers.CohereConfig, bos_token_id=1, eos_token_id=2, pad_token_id=0),
     "gemma": lambda: transformers.GemmaConfig(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -44,12 +54,28 @@ TINY_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
         head_dim=8,
         max_position_embeddings=256,
     ),
+    # logit soft-capping (eager attention only) and alternating sliding-window layers
+    "gemma2": _llama_like(transformers.Gemma2Config, head_dim=8, sliding_window=64, query_pre_attn_scalar=8),
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=VOCAB,
         n_embd=32,
         n_layer=3,
         n_head=4,
         n_positions=256,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+    ),
+    # multi-query attention, no rotary
+    "gpt_bigcode": lambda: transformers.GPTBigCodeConfig(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        n_positions=256,
+        multi_query=True,
         bos_token_id=0,
         eos_token_id=0,
         attn_pdrop=0.0,
@@ -66,7 +92,24 @@ TINY_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
         hidden_dropout=0.0,
         attention_dropout=0.0,
     ),
+    # no rotary; the config carries num_key_value_heads, which OPT ignores (it builds 4 key/value heads)
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        word_embed_proj_dim=32,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        dropout=0.0,
+    ),
 }
+# Base models whose own default attention is not sdpa (Gemma2's soft-capping needs eager).
+TINY_ATTENTION = {"gemma2": "eager"}
 
 
 def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -88,7 +131,8 @@ def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
 def tiny_base(arch: str = "llama", seed: int = 0) -> transformers.PreTrainedModel:
     """A tiny randomly initialised base causal LM in eval mode."""
     torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]()).eval()
+    attention = TINY_ATTENTION.get(arch, "sdpa")
+    return transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS[arch](), attn_implementation=attention).eval()
 
 
 def tiny_memorizing(arch: str = "llama", seed: int = 0, **memory_kwargs: object) -> memorizing_hf.MemorizingForCausalLM:
@@ -97,6 +141,20 @@ def tiny_memorizing(arch: str = "llama", seed: int = 0, **memory_kwargs: object)
     memory_kwargs.setdefault("memory_size", 64)
     memory_kwargs.setdefault("memory_top_k", 4)
     return memorizing_hf.MemorizingForCausalLM.from_base_pretrained(tiny_base(arch, seed), **memory_kwargs)
+
+
+def stored_positions(model: memorizing_hf.MemorizingForCausalLM, row: int = 0) -> list[int]:
+    """Document positions held by the first memory layer's row, sorted (duplicates kept)."""
+    memory = next(iter(model.memory.layers.values()))
+    return sorted(memory.positions[row, : int(memory.lengths[row])].tolist())
+
+
+def read_positions(model: memorizing_hf.MemorizingForCausalLM, sequence: torch.Tensor) -> list[int]:
+    """Positions `generate` fed to the model (all but the last output token) that memory must hold: not a sink,
+    not a never-stored id such as BOS."""
+    never = set(model.config.never_store_token_ids)
+    fed = sequence[:-1].tolist()
+    return [p for p, token in enumerate(fed) if p >= model.config.sink_tokens and token not in never]
 
 
 @pytest.fixture

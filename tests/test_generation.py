@@ -7,7 +7,7 @@ import torch
 
 from memorizing_hf.cache import MemorizingCache
 
-from .conftest import VOCAB, tiny_base, tiny_memorizing
+from .conftest import VOCAB, read_positions, stored_positions, tiny_base, tiny_memorizing
 
 
 def _ids(length: int, seed: int, batch: int = 1, exclude: int | None = None) -> torch.Tensor:
@@ -54,6 +54,33 @@ def test_beam_search_rows_read_the_memory_of_their_own_prompt() -> None:
         alone.memorize([documents[row]], progress=False)
         expected = alone.generate(prompts[row : row + 1], max_new_tokens=6, num_beams=3, do_sample=False)
         assert together[row].tolist() == expected[0].tolist()
+
+
+@pytest.mark.parametrize("windows", [1, 2, 5, 13, 30])
+def test_every_token_generate_reads_is_stored_exactly_once(windows: int) -> None:
+    """Prompt and output (but the sinks and the last output token, which generate never feeds back) end up in memory
+    once each, whether the prompt fits one window or spans thirty, and a second call continues the positions."""
+    window = 8
+    model = tiny_memorizing("llama", combine="joint", local_window=window, memory_size=1024)
+    prompt = _ids(windows * window, seed=windows)
+    first = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert stored_positions(model) == read_positions(model, first[0])
+    second = model.generate(_ids(window + 3, seed=100 + windows), max_new_tokens=3, do_sample=False)
+    read_before = len(first[0]) - 1
+    expected = read_positions(model, first[0]) + [read_before + p for p in read_positions(model, second[0])]
+    assert stored_positions(model) == sorted(expected)
+
+
+def test_transformers_chunked_prefill_reads_the_prompt_window_by_window_too() -> None:
+    """`prefill_chunk_size` (transformers' own chunked prefill) hands the prompt over in chunks; at the window size it
+    gives exactly what our streaming forward gives, and every token is still stored once."""
+    prompt = _ids(200, seed=11)
+    outputs = []
+    for chunks in ({}, {"prefill_chunk_size": 16}):
+        model = tiny_memorizing("llama", combine="joint", local_window=16, memory_size=1024)
+        outputs.append(model.generate(prompt, max_new_tokens=8, do_sample=False, **chunks))
+        assert stored_positions(model) == read_positions(model, outputs[-1][0])
+    assert torch.equal(outputs[0], outputs[1])
 
 
 def _record_retrievals(model) -> list[torch.Tensor]:

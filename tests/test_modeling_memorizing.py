@@ -12,43 +12,6 @@ from memorizing_hf import MemorizingConfig, MemorizingForCausalLM
 
 from .conftest import TINY_CONFIGS, tiny_base, tiny_memorizing
 
-ARCHITECTURES = sorted(TINY_CONFIGS)
-
-
-@pytest.mark.parametrize("combine", ["gate", "joint"])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_empty_memory_gives_the_base_models_logits(arch: str, combine: str, token_ids) -> None:
-    base = tiny_base(arch)
-    ids = token_ids()
-    with torch.no_grad():
-        expected = base(ids).logits
-    model = MemorizingForCausalLM.from_base_pretrained(
-        base, memory_layers=[-2], memory_size=64, memory_top_k=4, combine=combine
-    )
-    with torch.no_grad():
-        logits = model(ids).logits
-    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("combine", ["gate", "joint"])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_loss_and_backward_with_memory(arch: str, combine: str, token_ids) -> None:
-    model = tiny_memorizing(arch, combine=combine).train()
-    first, second = token_ids(seed=1), token_ids(seed=2)
-    model(first, labels=first)
-    assert not model.memory.is_empty()
-    output = model(second, labels=second)
-    assert torch.isfinite(output.loss)
-    output.loss.backward()
-    grads = {name: param.grad for name, param in model.named_parameters()}
-    assert all(g is not None for name, g in grads.items() if name.startswith("knn_attention"))
-    if combine == "gate":
-        assert grads["knn_attention.1.gate_bias"].abs().sum() > 0
-        assert grads["knn_attention.1.memory_scale"].abs().sum() > 0
-    for memory in model.memory.layers.values():
-        assert memory.keys.grad_fn is None and not memory.keys.requires_grad
-        assert memory.values.grad_fn is None and not memory.values.requires_grad
-
 
 def _layer_inputs(model: MemorizingForCausalLM, layer: int, ids: torch.Tensor) -> torch.Tensor:
     """The hidden states entering the attention of `layer` for `ids` (layers below are not affected by memory)."""
@@ -285,6 +248,18 @@ def test_config_built_model_is_registered_with_auto_classes(token_ids) -> None:
     assert isinstance(model, MemorizingForCausalLM)
     assert model.language_model.config._attn_implementation == "memorizing_sdpa"
     assert torch.isfinite(model(token_ids(), labels=token_ids()).loss)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_local_attention_follows_the_base_models_own_choice(attention: str, token_ids) -> None:
+    base = transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"](), attn_implementation=attention)
+    model = MemorizingForCausalLM.from_base_pretrained(base, memory_layers=[1])
+    assert model.config.local_attn_implementation == attention
+    assert model.language_model.config._attn_implementation == f"memorizing_{attention}"
+    other = "sdpa" if attention == "eager" else "eager"
+    base = transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"](), attn_implementation=attention)
+    chosen = MemorizingForCausalLM.from_base_pretrained(base, memory_layers=[1], local_attn_implementation=other)
+    assert chosen.language_model.config._attn_implementation == f"memorizing_{other}"
 
 
 def test_save_and_load_round_trip_model_and_memory(tmp_path, token_ids) -> None:
