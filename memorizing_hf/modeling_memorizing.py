@@ -45,7 +45,8 @@ from ._compat import (
 from .cache import MemorizingCache, XLCache
 from .configuration_memorizing import LOCAL_ATTN_IMPLEMENTATIONS, MemorizingConfig
 from .generation import MemorizingGenerationMixin
-from .memory import KNNMemory, MemoryBank, RetrievalBackend
+from .memory import KNNMemory, MemoryBank
+from .retrieval import make_backend
 from .rotary import Rotary
 
 # Name of the memory file that travels beside the weights of a checkpoint (`from_pretrained(..., memory_file=...)`).
@@ -450,7 +451,7 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
             capacity=config.memory_size,
             num_heads=kv_heads,
             head_dim=head_dim,
-            backend_factory=lambda: _make_backend(config),
+            backend_factory=lambda: make_backend(config),
             dtype=getattr(torch, config.memory_dtype) if config.memory_dtype else None,
         )
         self.xl_cache = XLCache(config.xl_sink_tokens)
@@ -742,14 +743,3 @@ def _output_class_with_memory_stats(output_class: type[ModelOutput]) -> type[Mod
 def with_memory_stats(outputs: ModelOutput, stats: dict[str, Any] | None) -> ModelOutput:
     """The base model's output with `memory_stats` added."""
     return _output_class_with_memory_stats(type(outputs))(**outputs, memory_stats=stats)
-
-
-def _make_backend(config: MemorizingConfig) -> RetrievalBackend:
-    """The retrieval backend the config asks for (faiss is imported only when chosen)."""
-    if config.retrieval == "faiss":
-        from .retrieval_faiss import FaissBackend
-
-        return FaissBackend(index_kind=config.faiss_index, nprobe=config.faiss_nprobe)
-    from .retrieval import ExactBackend
-
-    return ExactBackend()
