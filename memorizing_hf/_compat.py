@@ -72,6 +72,12 @@ def set_output_cache(outputs: Any, cache: Any) -> None:
     outputs[CACHE_ARGUMENT] = cache
 
 
+def tokens_to_crop(argument: int, length: int) -> int:
+    """How many tokens `Cache.crop(argument)` removes from a cache holding `length`: 5.16 made it `crop(-n)`, remove n
+    (and `crop(0)` a no-op); before, a positive argument was the length to keep."""
+    return -argument if argument <= 0 else max(length - argument, 0)
+
+
 # ---------------------------------------------------------------------------------------------------- attention
 def attention_implementation(config: PretrainedConfig) -> str | None:
     """The attention implementation a model (config) was built with: "sdpa", "eager", "flash_attention_2", ..."""

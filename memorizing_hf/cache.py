@@ -3,8 +3,8 @@
 
 `XLCache` is the Transformer-XL cache of the paper's best configurations: while a document is read segment by
 segment, every layer's local attention also sees the keys and values of the previous segment (detached, so no
-gradient flows into the past). It is kept per batch row, cleared with the row's memory when a new document starts,
-and saved in memory files with the kNN memory.
+gradient flows into the past). It is per batch row and part of the memory (`MemoryBank.xl`): cleared with the row's
+memory when a new document starts, and saved in memory files with the kNN memory.
 
 The cache is applied inside the registered attention function (it prepends the previous segment to every layer's
 keys and values) rather than through transformers' cache argument, so it is idempotent: a recomputation under
@@ -13,12 +13,17 @@ gradient checkpointing sees the same previous segment and records the same new o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 
+from ._compat import tokens_to_crop
 from .rotary import Rotary
+
+if TYPE_CHECKING:
+    from .memory import MemoryBank
 
 
 class XLCache:
@@ -134,31 +139,50 @@ class XLCache:
 
 
 class MemorizingCache(DynamicCache):
-    """Bounded local cache for streaming long inputs and generation: a few attention-sink tokens that never leave,
-    then a sliding window of recent tokens. Tokens leaving the window are handed back by `evict`, and the model
-    writes them to its kNN memory, so the cost per token stays bounded while everything read stays retrievable.
+    """Bounded local cache for streaming long inputs and generation, and the memory of what left it.
 
-    Besides the keys/values (kept by `DynamicCache`), it tracks per column: whether it is a real token (not padding),
-    whether it may be stored (not BOS), its position in the document, and the rotary position its key was rotated
-    at. When tokens leave, the keys behind them are rotated back so that positions stay within the window (as in
-    StreamingLLM); models without rotary embeddings keep absolute positions instead.
+    Local attention sees a few attention-sink tokens that never leave, then a sliding window of recent tokens. Tokens
+    leaving the window are written to the cache's own `overflow` memory (one row per batch row), which the memory
+    layers read beside the model's memory: the cost per token stays bounded while everything the call read stays
+    retrievable. The cache also names the memory it reads (`memory`, the model's by default), so that every call
+    continuing it reads the same one. What the overflow holds reaches that memory only when the caller commits it
+    (`generate(..., update_memory=True)`, `memorize`). When tokens leave, the keys behind them are rotated back so that
+    positions stay within the window (as in StreamingLLM); models without rotary embeddings keep absolute positions.
+
+    Besides the keys/values (kept by `DynamicCache`), `columns` tracks per cached column: whether it is a real token
+    (not padding), whether it may be stored (not BOS), its position in what this cache read, and the rotary position
+    its key was rotated at. Every operation on columns (append, evict, crop, reorder) goes through `_edit_columns`, so
+    they stay in step with the keys and values.
     """
 
-    def __init__(self, window: int, sink_tokens: int, evict_every: int = 64, beams: int = 1) -> None:
+    def __init__(
+        self,
+        window: int,
+        sink_tokens: int,
+        overflow: MemoryBank,
+        memory: MemoryBank | None = None,
+        per_prompt: int = 1,
+        evict_every: int = 64,
+    ) -> None:
         super().__init__()
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}.")
-        self.window, self.sink_tokens, self.evict_every, self.beams = window, sink_tokens, evict_every, beams
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {window!r}.")
+        self.window, self.sink_tokens, self.evict_every = window, sink_tokens, evict_every
+        self.overflow = overflow
+        self.memory = memory  # the memory this cache reads besides its overflow (None: the model's)
+        self.per_prompt = per_prompt  # sequences per prompt (beams, num_return_sequences): they share its memory row
         self.sink_columns: int | None = None  # fixed by the first call: leading padding + sink tokens
-        self.real: torch.Tensor | None = None  # [B, S] bool
-        self.storable: torch.Tensor | None = None  # [B, S] bool
-        self.doc_positions: torch.Tensor | None = None  # [B, S] long
-        self.positions: torch.Tensor | None = None  # [B, S] long, rotary position of each cached key
+        self.columns: dict[str, torch.Tensor] = {}  # real, storable, doc_positions, positions: [B, S] each
         self.offset: torch.Tensor | None = None  # [B] long, positions skipped by evictions (models without rotary)
+        self.read = 0  # columns read so far, evicted ones included: the sequence length generate() sees
 
     @property
-    def columns(self) -> int:
-        return 0 if self.real is None else self.real.shape[1]
+    def num_columns(self) -> int:
+        return self.columns["real"].shape[1] if self.columns else 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens this cache has read (what `generate` slices a resent prompt by); the window holds the last ones."""
+        return self.read
 
     def start(self, real: torch.Tensor) -> None:
         """Fix the sink columns from the first input's padding: every row keeps its padding plus `sink_tokens` real
@@ -169,7 +193,7 @@ class MemorizingCache(DynamicCache):
 
     def next_positions(self, real: torch.Tensor) -> torch.Tensor:
         """Rotary positions `[B, T]` for new tokens: real tokens continue each row's count; padding repeats it."""
-        cached = self.real.sum(dim=1) if self.real is not None else torch.zeros_like(self.offset)
+        cached = self.columns["real"].sum(dim=1) if self.columns else torch.zeros_like(self.offset)
         return ((cached + self.offset).unsqueeze(1) + real.long().cumsum(dim=1) - 1).clamp(min=0)
 
     def attention_mask(self, real: torch.Tensor) -> torch.Tensor:
@@ -178,59 +202,97 @@ class MemorizingCache(DynamicCache):
         batch, tokens = real.shape
         causal = torch.ones(tokens, tokens, dtype=torch.bool, device=real.device).tril()
         new = causal & real.unsqueeze(1) | torch.eye(tokens, dtype=torch.bool, device=real.device)
-        old = (self.real if self.real is not None else real[:, :0]).unsqueeze(1).expand(batch, tokens, -1)
+        old = (self.columns["real"] if self.columns else real[:, :0]).unsqueeze(1).expand(batch, tokens, -1)
         return torch.cat((old, new), dim=-1).unsqueeze(1)
 
-    def append(self, real: torch.Tensor, storable: torch.Tensor, doc_positions: torch.Tensor, positions: torch.Tensor):
-        """Record the columns of the tokens just added to the keys/values."""
-        if self.real is None:
-            self.real, self.storable, self.doc_positions, self.positions = real, storable, doc_positions, positions
+    def append(self, **columns: torch.Tensor) -> None:
+        """Record the columns (real, storable, doc_positions, positions `[B, T]`) of the tokens just added to the
+        keys/values."""
+        self.read += columns["real"].shape[1]
+        if not self.columns:
+            self.columns = dict(columns)
             return
-        self.real = torch.cat((self.real, real), dim=1)
-        self.storable = torch.cat((self.storable, storable), dim=1)
-        self.doc_positions = torch.cat((self.doc_positions, doc_positions), dim=1)
-        self.positions = torch.cat((self.positions, positions), dim=1)
+        self.columns = {name: torch.cat((self.columns[name], columns[name]), dim=1) for name in self.columns}
 
-    def overflow(self, force: bool = False) -> int:
+    def _edit_columns(self, edit: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+        """Apply `edit(tensor, column_dim)` to every cached key/value tensor (dim 2) and column tensor (dim 1)."""
+        for layer in self.layers:
+            if layer.keys is not None and layer.keys.numel():
+                layer.keys, layer.values = edit(layer.keys, 2), edit(layer.values, 2)
+        self.columns = {name: edit(tensor, 1) for name, tensor in self.columns.items()}
+
+    def excess(self, force: bool = False) -> int:
         """Columns to evict now: everything beyond sinks + window, once that is at least `evict_every` (any amount
         if `force`)."""
-        excess = self.columns - (self.sink_columns or 0) - self.window
+        excess = self.num_columns - (self.sink_columns or 0) - self.window
         return max(excess, 0) if force or excess >= self.evict_every else 0
 
     @torch.no_grad()
-    def evict(self, count: int, rotary: Rotary | None) -> dict[str, object]:
-        """Remove `count` columns after the sinks. Returns their keys/values per layer and their column data; the
-        keys behind them are rotated back by the number of real tokens removed in their row."""
+    def evict(self, count: int, rotary: Rotary | None, write: bool = True) -> None:
+        """Remove `count` columns after the sinks, writing their storable tokens to `overflow` (if `write`); the keys
+        behind them are rotated back by the number of real tokens removed in their row."""
+        if count <= 0:
+            return
         start, end = self.sink_columns, self.sink_columns + count
-        removed = {
-            "layers": {
-                i: (layer.keys[:, :, start:end], layer.values[:, :, start:end]) for i, layer in enumerate(self.layers)
-            },
-            "real": self.real[:, start:end],
-            "storable": self.storable[:, start:end],
-            "doc_positions": self.doc_positions[:, start:end],
-            "positions": self.positions[:, start:end],
-        }
+        removed = {name: tensor[:, start:end] for name, tensor in self.columns.items()}
+        if write:
+            store = removed["storable"] & removed["real"]
+            for index, layer in enumerate(self.layers):
+                if index in self.overflow.layers:
+                    keys, values = layer.keys[:, :, start:end], layer.values[:, :, start:end]
+                    positions, documents = removed["positions"], removed["doc_positions"]
+                    self.overflow.write(index, keys, values, positions, rotary, store, documents)
+        self._edit_columns(lambda tensor, dim: _without(tensor, dim, start, end))
         shift = removed["real"].sum(dim=1)
-        for layer in self.layers:
-            kept = layer.keys[:, :, end:]
-            if rotary is not None and kept.shape[2]:
-                kept = rotary.rotate(kept, -shift.unsqueeze(1).expand(-1, kept.shape[2]))
-            layer.keys = torch.cat((layer.keys[:, :, :start], kept), dim=2)
-            layer.values = torch.cat((layer.values[:, :, :start], layer.values[:, :, end:]), dim=2)
-        kept_positions = self.positions[:, end:] - (shift.unsqueeze(1) if rotary is not None else 0)
-        self.positions = torch.cat((self.positions[:, :start], kept_positions), dim=1)
         if rotary is None:
             self.offset = self.offset + shift
-        for name in ("real", "storable", "doc_positions"):
-            tensor = getattr(self, name)
-            setattr(self, name, torch.cat((tensor[:, :start], tensor[:, end:]), dim=1))
-        return removed
+            return
+        for layer in self.layers:  # the keys behind the removed ones move back by `shift` positions
+            tail = layer.keys[:, :, start:]
+            layer.keys = torch.cat(
+                (layer.keys[:, :, :start], rotary.rotate(tail, -shift.unsqueeze(1).expand(-1, tail.shape[2]))), dim=2
+            )
+        positions = self.columns["positions"]
+        self.columns["positions"] = torch.cat((positions[:, :start], positions[:, start:] - shift.unsqueeze(1)), dim=1)
+
+    def crop(self, tokens: int) -> None:
+        """Forget the last tokens read (assisted decoding rejecting drafted tokens): `crop(-n)` removes n tokens
+        (transformers 5.16+); a positive value is the length to keep (older releases). The tokens must still be in
+        the local window, never evicted: drafts are shorter than the window."""
+        count = tokens_to_crop(tokens, self.read)
+        if count <= 0:
+            return
+        if count > self.num_columns - (self.sink_columns or 0):
+            raise ValueError(f"Cannot crop {count} tokens: only the {self.window}-token window can be taken back.")
+        dropped = self.columns["real"][:, -count:].sum(dim=1)
+        self._edit_columns(lambda tensor, dim: tensor.narrow(dim, 0, tensor.shape[dim] - count))
+        self.read -= count
+        if self.overflow.tokens_seen is not None:
+            self.overflow.tokens_seen = self.overflow.tokens_seen - dropped.to(self.overflow.tokens_seen.device)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: rows follow their beams (keys/values and column data alike)."""
-        super().reorder_cache(beam_idx)
-        for name in ("real", "storable", "doc_positions", "positions", "offset"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
+        """Beam search: rows follow their beams (keys/values, columns and the overflow memory alike)."""
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_rows(
+            torch.arange(self.offset.shape[0] if self.offset is not None else 0).repeat_interleave(repeats)
+        )
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        for layer in self.layers:
+            if layer.keys is not None and layer.keys.numel():
+                rows = index.to(layer.keys.device)
+                layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+        self.columns = {name: tensor.index_select(0, index.to(tensor.device)) for name, tensor in self.columns.items()}
+        if self.offset is not None:
+            self.offset = self.offset.index_select(0, index.to(self.offset.device))
+        self.overflow.select_rows(index)
+
+
+def _without(tensor: torch.Tensor, dim: int, start: int, end: int) -> torch.Tensor:
+    """`tensor` without the indices `[start, end)` of dimension `dim`."""
+    return torch.cat((tensor.narrow(dim, 0, start), tensor.narrow(dim, end, tensor.shape[dim] - end)), dim)

@@ -3,8 +3,10 @@
 The kNN memory is state outside the model's parameters, so the Trainer knows nothing of it. `MemorizingTrainer` and
 the `MemoryCallback` it installs take care of it:
 
-- Training starts on an empty memory, and so does every epoch (whose first batch also resets every row).
-- `evaluate()` and `predict()` run on a fresh memory of their own; the training memory is put back exactly.
+- Training reads and writes `model.memory`, passed explicitly to every training step; it starts empty, and so does
+  every epoch (whose first batch also resets every row).
+- `evaluate()` and `predict()` read and write a fresh memory of their own (`model.new_memory()`), so the training
+  memory is untouched.
 - Every checkpoint `checkpoint-N/` gets the memory (`memory.safetensors`, or `memory_<process>.safetensors` per
   process when there are several, like the Trainer's RNG states) and `train(resume_from_checkpoint=...)` loads it
   back. The Trainer skips the batches a resumed run has already seen, and `DocumentStreams` yields the same batches
@@ -13,6 +15,7 @@ the `MemoryCallback` it installs take care of it:
   rows), the gate of each head (gate mode) and the share of attention each head gives to memory (joint mode,
   averaged over the steps since the last log), so TensorBoard / W&B see them.
 - Batches without `memory_reset` flags are refused: without them every row's memory would mix documents.
+- A PEFT model (e.g. LoRA, with the memory layers' gates in `modules_to_save`) trains like the model it wraps.
 
 Gradient accumulation: each micro-batch is the next segment of the same streams. It reads the memory written by
 every earlier micro-batch (of the same optimizer step too) and writes its own keys and values after reading, exactly
@@ -24,11 +27,8 @@ reporting integrations, so values a callback adds to the logs never reach Tensor
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,16 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from ._compat import checkpoint_folder_prefix, counts_predicted_labels, last_checkpoint
 from .data import DocumentStreams
+from .memory import MemoryBank
 from .modeling_memorizing import MemorizingForCausalLM
 
 MEMORY_FILE = "memory.safetensors"
+
+
+def memorizing_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The memorizing model inside `model`: unwrapped from DistributedDataParallel / FSDP and from PEFT."""
+    model = extract_model_from_parallel(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def memory_file_name(args: TrainingArguments) -> str:
@@ -58,7 +65,7 @@ class MemoryCallback(TrainerCallback):
         self._restored = False
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        model = extract_model_from_parallel(kwargs["model"])
+        model = memorizing_model(kwargs["model"])
         self._restored = self.resume_from is not None and state.global_step > 0
         if self._restored:
             model.load_memory(Path(self.resume_from) / memory_file_name(args))
@@ -69,12 +76,12 @@ class MemoryCallback(TrainerCallback):
         if self._restored:  # resuming inside this epoch: the restored memory is where the stream stopped
             self._restored = False
         else:
-            extract_model_from_parallel(kwargs["model"]).reset_memory()
+            memorizing_model(kwargs["model"]).reset_memory()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         folder = Path(args.output_dir) / f"{checkpoint_folder_prefix()}-{state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
-        extract_model_from_parallel(kwargs["model"]).save_memory(folder / memory_file_name(args))
+        memorizing_model(kwargs["model"]).save_memory(folder / memory_file_name(args))
 
 
 @counts_predicted_labels
@@ -82,7 +89,8 @@ class MemorizingTrainer(Trainer):
     """A `Trainer` for `MemorizingForCausalLM` that manages its memory (see the module docstring).
 
     Use it as the Trainer, with `DocumentStreams` data and `collate_segments` (`memory_learning_rate`: a learning rate
-    of its own for the memory layers' gates and scales, see `create_optimizer`):
+    of its own for the memory layers' gates and scales, see `create_optimizer`). The model may be a PEFT model
+    wrapping a `MemorizingForCausalLM`:
 
         trainer = MemorizingTrainer(model=model, args=args, train_dataset=streams, data_collator=collate_segments)
         trainer.train()   # or trainer.train(resume_from_checkpoint=True)
@@ -95,9 +103,10 @@ class MemorizingTrainer(Trainer):
     def __init__(self, *args: Any, memory_learning_rate: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.memory_learning_rate = memory_learning_rate
-        model = extract_model_from_parallel(self.model)
+        model = memorizing_model(self.model)
         if not isinstance(model, MemorizingForCausalLM):
             raise TypeError(f"MemorizingTrainer trains a MemorizingForCausalLM, got {type(model).__name__}.")
+        self.evaluation_memory: MemoryBank | None = None  # set while evaluate() / predict() run
         if self.args.n_gpu > 1:
             raise ValueError(
                 "The kNN memory cannot be shared by DataParallel replicas: run one process per GPU "
@@ -152,26 +161,29 @@ class MemorizingTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """`Trainer.evaluate` on a fresh memory; the training memory is back, exactly, afterwards."""
-        with self._evaluation_memory():
+        """`Trainer.evaluate` on a fresh memory of its own; the training memory is not touched."""
+        self.evaluation_memory = memorizing_model(self.model).new_memory()
+        try:
             return super().evaluate(*args, **kwargs)
+        finally:
+            self.evaluation_memory = None
 
     def predict(self, *args: Any, **kwargs: Any):
-        """`Trainer.predict` on a fresh memory; the training memory is back, exactly, afterwards."""
-        with self._evaluation_memory():
+        """`Trainer.predict` on a fresh memory of its own; the training memory is not touched."""
+        self.evaluation_memory = memorizing_model(self.model).new_memory()
+        try:
             return super().predict(*args, **kwargs)
+        finally:
+            self.evaluation_memory = None
 
-    @contextlib.contextmanager
-    def _evaluation_memory(self) -> Iterator[None]:
-        model = extract_model_from_parallel(self.model)
-        with tempfile.TemporaryDirectory(prefix="memorizing-hf-") as folder:
-            path = Path(folder) / MEMORY_FILE
-            model.save_memory(path)  # the file holds everything the memory is, so the round trip is exact
-            model.reset_memory()
-            try:
-                yield
-            finally:
-                model.load_memory(path)
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+        """`Trainer.training_step`, reading and writing the model's memory."""
+        return super().training_step(model, {**inputs, "memory": memorizing_model(model).memory}, *args, **kwargs)
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+        """`Trainer.prediction_step`, reading and writing the evaluation memory (the model's outside evaluation)."""
+        memory = self.evaluation_memory if self.evaluation_memory is not None else memorizing_model(model).memory
+        return super().prediction_step(model, {**inputs, "memory": memory}, *args, **kwargs)
 
     def compute_loss(
         self,
@@ -185,11 +197,11 @@ class MemorizingTrainer(Trainer):
         if inputs.get("memory_reset") is None:
             raise ValueError(
                 "This batch has no 'memory_reset' flags, but the model has kNN memory layers "
-                f"{extract_model_from_parallel(model).config.memory_layers}: without them every row's memory would "
+                f"{memorizing_model(model).config.memory_layers}: without them every row's memory would "
                 "mix documents. Train on DocumentStreams with collate_segments, or give every batch a bool "
                 "'memory_reset' [batch] that is True where a row starts a new document."
             )
-        if not model.training or extract_model_from_parallel(model).config.combine != "joint":
+        if not model.training or memorizing_model(model).config.combine != "joint":
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = super().compute_loss(model, {**inputs, "output_memory_stats": True}, True, num_items_in_batch)
         for layer, shares in outputs["memory_stats"].get("memory_share", {}).items():
@@ -203,7 +215,7 @@ class MemorizingTrainer(Trainer):
         super().log(logs, start_time)
 
     def _memory_logs(self) -> dict[str, float]:
-        model = extract_model_from_parallel(self.model)
+        model = memorizing_model(self.model)
         logs = {}
         for layer, entries in model.memory.entries().items():
             fill = sum(entries) / (len(entries) * model.config.memory_size) if entries else 0.0

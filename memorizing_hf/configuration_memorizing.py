@@ -8,6 +8,7 @@ retrieved entries are mixed with local attention.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig, logging
@@ -81,7 +82,8 @@ class MemorizingConfig(PretrainedConfig):
             their true positions. `"none"`: neither is rotated. Ignored by models without rotary embeddings.
         memory_query_offset (`int`, *optional*):
             The relative distance at which `"fixed"` placement puts every memory entry; defaults to the number of
-            keys local attention sees in the current call (the local window).
+            keys local attention sees: the segment (and XL cache) when reading segments, each token's window when
+            streaming (`generate`, `memorize`), so that the result does not depend on how the input is chunked.
         local_attn_implementation (`str`, *optional*):
             Attention implementation used for local attention and for every layer without memory: `"sdpa"` or
             `"eager"`. Defaults to the base model's own choice (eager for Gemma2, whose logit soft-capping sdpa cannot
@@ -204,6 +206,19 @@ class MemorizingConfig(PretrainedConfig):
         chosen = implementations(text_config)
         super().__init__(**kwargs)
         set_implementations(text_config, chosen)  # PretrainedConfig.__init__ reset them: keep the base model's
+
+    @classmethod
+    def memory_fields(cls) -> tuple[str, ...]:
+        """The names of the memory settings this config adds to the base model's (its constructor's arguments)."""
+        ignored = ("self", "text_config", "kwargs")
+        return tuple(name for name in inspect.signature(cls.__init__).parameters if name not in ignored)
+
+    def with_memory_settings(self, **changes: Any) -> MemorizingConfig:
+        """A copy with some memory settings changed, validated as the constructor validates them."""
+        unknown = sorted(set(changes) - set(self.memory_fields()))
+        if unknown:
+            raise ValueError(f"Unknown memory settings {unknown}; the settings are {list(self.memory_fields())}.")
+        return type(self)(**{**self.to_dict(), **changes})
 
     @property
     def memory_attn_implementation(self) -> str:

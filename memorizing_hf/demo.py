@@ -23,7 +23,6 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .cache import MemorizingCache
 from .cli import parse_layers
 from .evaluation import streaming_perplexity
 from .modeling_memorizing import MemorizingForCausalLM
@@ -39,7 +38,7 @@ def perplexities(model: MemorizingForCausalLM, ids: torch.Tensor, segment: int) 
     variants = [
         ("A  each segment alone", {"mode": "segment"}),
         (f"W  {2 * segment}-token window, recomputed", {"mode": "window", "window": 2 * segment}),
-        ("M  segment + kNN memory", {"mode": "memory", "keep_memory": True}),
+        ("M  segment + kNN memory", {"mode": "memory", "memory": model.memory}),
     ]
     results = {}
     for name, kwargs in variants:
@@ -75,7 +74,7 @@ def guessed(model: MemorizingForCausalLM, ids: torch.Tensor, cut: int, window: i
     """
     span = ids[cut - LEAD_IN : cut + NEW_TOKENS]
     tokens = (torch.cat([span, span]) if twice else span)[None]
-    cache = MemorizingCache(window, model.config.sink_tokens)
+    cache = model.new_cache(window)
     logits = model(tokens, cache=cache, update_memory=False, logits_to_keep=0).logits
     return int((logits[0, -NEW_TOKENS - 1 : -1].argmax(-1) == tokens[0, -NEW_TOKENS:]).sum())
 

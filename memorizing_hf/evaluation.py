@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,26 +58,27 @@ def streaming_perplexity(
     window: int | None = None,
     score_first_segment: bool = False,
     progress: bool | str = True,
-    keep_memory: bool = False,
+    memory: Any = None,
 ) -> PerplexityResult:
     """Perplexity of one document `token_ids` `[n]` read in segments.
 
     Args:
         model: a `MemorizingForCausalLM` for `mode="memory"`; any causal LM otherwise.
-        mode: `"memory"` (memory cleared at the start, every segment read then written), `"segment"` (each segment
-            alone; on a memorizing model the memory is neither read nor written) or `"window"` (each segment scored
+        mode: `"memory"` (every segment read then written to a memory cleared at the start), `"segment"` (each
+            segment alone; on a memorizing model no memory is read or written) or `"window"` (each segment scored
             with up to `window` tokens of context recomputed, e.g. 1024 = previous + current segment).
         score_first_segment: also score segment 0 (which has no earlier context in any mode).
-        keep_memory: leave the memory as reading the document left it (else it is cleared at the end).
+        memory: the memory to read the document into (`mode="memory"`); default: a fresh one, discarded at the end.
+            Pass `model.memory` to keep what was read in the model.
     """
     if mode not in ("memory", "segment", "window"):
         raise ValueError(f"Unknown mode {mode!r}: choose 'memory', 'segment' or 'window'.")
     if mode == "window" and (window is None or window < segment_length):
         raise ValueError(f"mode='window' needs window >= segment_length ({segment_length}), got {window!r}.")
     ids = token_ids.reshape(-1).to(model.device)
-    memorizing = hasattr(model, "reset_memory")
+    memorizing = hasattr(model, "new_memory")
     if memorizing:
-        model.reset_memory()
+        memory = (memory if memory is not None else model.new_memory()) if mode == "memory" else model.new_memory()
     starts = range(0, ids.numel() - 1, segment_length)
     result = PerplexityResult()
     description = progress if isinstance(progress, str) else f"perplexity ({mode})"
@@ -84,8 +86,9 @@ def streaming_perplexity(
         end = min(start + segment_length, ids.numel())
         kwargs: dict[str, object] = {}
         if memorizing:
-            kwargs = {"memory_reset": torch.tensor([index == 0], device=model.device)} if mode == "memory" else {}
-            kwargs["update_memory"] = mode == "memory"
+            kwargs = {"memory": memory, "update_memory": mode == "memory"}
+            if mode == "memory":
+                kwargs["memory_reset"] = torch.tensor([index == 0], device=model.device)
         if mode == "window":
             context_start = max(0, end - window)
             segment = ids[context_start:end].unsqueeze(0)
@@ -96,8 +99,6 @@ def streaming_perplexity(
         if (index > 0 or score_first_segment) and count > 0:
             result.add(nll, count)
             result.correct.update(zip(range(start + 1, end), correct))
-    if memorizing and not keep_memory:
-        model.reset_memory()
     return result
 
 

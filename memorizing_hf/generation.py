@@ -1,10 +1,16 @@
-"""Generation and streaming with persistent kNN memory.
+"""Generation and reading with a persistent kNN memory.
 
 A memorizing model reads inputs of any length through a `MemorizingCache`: local attention keeps a few attention
-sinks and a window of recent tokens; tokens that leave the window are written to the kNN memory of the memory
-layers. `generate()` sets this up, so prompts far longer than the window work at a bounded cost per token, and the
-memory persists between calls: what one call read (prompt and output) is retrievable by the next.
-`memorize()` streams documents into memory the same way, with a progress bar; so does a prompt of many windows
+sinks and a window of recent tokens; tokens that leave the window go to the cache's own memory, which the memory
+layers read beside the model's memory. So a prompt far longer than the window works at a bounded cost per token.
+
+Which memory a call uses is explicit (`memory=`, by default `model.memory`), and so is whether it changes it:
+- `memorize(documents)` reads documents into memory, one per row: what a later call retrieves from.
+- `generate(prompts)` reads the memory and leaves it exactly as it was (pipelines and batches of independent prompts
+  never see each other); `generate(..., update_memory=True)` also writes everything the call read (prompt and
+  output) into it, so that the next call can retrieve it.
+Rows: a prompt reads the memory row of the same index, or the only row of a one-row memory; the sequences generated
+from one prompt (beams, `num_return_sequences`) share its row. Long inputs are read with a progress bar
 (transformers' `disable_progress_bar()` silences it).
 """
 
@@ -17,37 +23,72 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationMixin, logging
 
-from ._compat import cache_kwargs, pop_cache, set_output_cache
+from ._compat import cache_kwargs, pop_cache
 from .cache import MemorizingCache
 
-PROGRESS_CHUNKS = 8  # inputs of at least this many windows are read with a progress bar
+logger = logging.get_logger(__name__)
 
 
 class MemorizingGenerationMixin(GenerationMixin):
-    """`generate`, `memorize` and the streaming forward pass of `MemorizingForCausalLM`."""
+    """`generate` and `memorize` of `MemorizingForCausalLM`."""
 
-    def generate(self, inputs: torch.Tensor | None = None, *args: Any, window: int | None = None, **kwargs: Any):
-        """`GenerationMixin.generate` with a bounded local window and persistent memory.
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        *args: Any,
+        window: int | None = None,
+        memory: Any = None,
+        update_memory: bool = False,
+        **kwargs: Any,
+    ):
+        """`GenerationMixin.generate` with a bounded local window and a kNN memory.
 
         Args:
             window: tokens of local attention (besides the sinks); defaults to `config.local_window`. Longer prompts
-                are read in chunks of this size and what leaves the window goes to memory.
-            update_memory (`bool`, passed through to `forward`, defaults to `True`): write what leaves the window and,
-                at the end, the rest of the window (but the sinks), so that the next call can retrieve every token it
-                read: the prompt and the output but its last token, which `generate` never feeds back to the model.
-                `False` leaves the memory exactly as it was.
+                are read in chunks of this size and what leaves the window stays retrievable for the rest of the call.
+            memory: the `MemoryBank` to read (default `model.memory`).
+            update_memory: also write everything this call read (the prompt and the output but its last token, which
+                `generate` never feeds back, sinks excepted) into `memory`, row by row, so that a later call
+                retrieves it. With several sequences per prompt, the first one writes for the prompt. False (default):
+                `memory` stays exactly as it was.
+            cache: a `MemorizingCache` (`model.new_cache()`) to continue: `generate` reads only the tokens of the
+                prompt it has not read yet, so a resent chat history is read once. An empty `DynamicCache` is
+                replaced by a `MemorizingCache`.
 
-        Beam search: the beams of a prompt share its memory row; the best beam writes for them. Everything else is
-        as in transformers (sampling, streamers, `max_new_tokens`, batched left-padded prompts, ...).
+        Everything else is as in transformers: greedy, sampling, beam search, `num_return_sequences`, assisted
+        decoding, streamers, left-padded batches. `use_cache=False` changes nothing: the window cache is how a
+        memorizing model reads.
         """
+        memory = self.memory if memory is None else memory
+        config = kwargs.get("generation_config") or self.generation_config
+        beams = kwargs.get("num_beams") or config.num_beams or 1
+        per_prompt = beams if beams > 1 else kwargs.get("num_return_sequences") or config.num_return_sequences or 1
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        prompts = prompt.shape[0] if prompt is not None else 1
+        self._memory_group(memory, prompts * per_prompt, per_prompt)  # refuses an ambiguous layout before reading
+        if update_memory and memory.num_rows not in (0, prompts):
+            raise ValueError(
+                f"update_memory=True writes one memory row per prompt, but the memory holds {memory.num_rows} rows "
+                f"and this call has {prompts} prompts."
+            )
         cache = pop_cache(kwargs)
-        if cache is None:
-            generation_config = kwargs.get("generation_config") or self.generation_config
-            beams = kwargs.get("num_beams") or generation_config.num_beams or 1
-            cache = MemorizingCache(window or self.config.local_window, self.config.sink_tokens, beams=beams)
+        if cache is None or (not isinstance(cache, MemorizingCache) and cache.get_seq_length() == 0):
+            cache = self.new_cache(window, memory, per_prompt)
+        elif not isinstance(cache, MemorizingCache):
+            raise ValueError(
+                f"generate() got a filled {type(cache).__name__}; a memorizing model reads through a MemorizingCache "
+                "(model.new_cache()), which keeps a bounded window and what left it. Pass none, or that cache."
+            )
+        elif cache.memory is None:
+            cache.memory = memory
+        elif cache.memory is not memory:
+            raise ValueError("This cache reads another memory than the one passed: pass the cache, or a new one.")
+        if kwargs.get("use_cache") is False:
+            logger.info("use_cache=False: a memorizing model always reads through its window cache.")
+        kwargs["use_cache"] = True
         output = super().generate(inputs, *args, **cache_kwargs(cache), **kwargs)
-        if isinstance(cache, MemorizingCache) and kwargs.get("update_memory", True) and cache.sink_columns is not None:
-            self._evict(cache, cache.columns - cache.sink_columns, write=True)
+        if update_memory:
+            self._commit(cache, memory)
         return output
 
     @torch.no_grad()
@@ -56,14 +97,17 @@ class MemorizingGenerationMixin(GenerationMixin):
         documents: str | Sequence[str] | torch.Tensor | Sequence[Sequence[int]],
         tokenizer: Any = None,
         window: int | None = None,
+        memory: Any = None,
         progress: bool = True,
     ) -> dict[int, list[int]]:
-        """Read documents into memory, one per batch row (row i of later `generate` calls reads document i).
+        """Read documents into memory, one per row (row i of later calls reads document i; a single document is
+        read by every prompt). A memory that already holds as many rows continues their documents.
 
         `documents`: a text or list of texts (with `tokenizer`), or token ids (`[rows, tokens]` tensor or lists).
-        Each document is streamed through the local window; everything but its sink tokens ends up in memory.
-        Returns the entries per row of each memory layer.
+        Each document is streamed through the local window; everything but its sink tokens ends up in `memory`
+        (default `model.memory`). Returns the entries per row of each memory layer.
         """
+        memory = self.memory if memory is None else memory
         if isinstance(documents, str):
             documents = [documents]
         if isinstance(documents, torch.Tensor):
@@ -78,6 +122,11 @@ class MemorizingGenerationMixin(GenerationMixin):
             rows = [list(row) for row in documents]
         if not rows or not all(rows):
             raise ValueError("memorize() needs at least one document, and every document needs at least one token.")
+        if memory.num_rows not in (0, len(rows)):
+            raise ValueError(
+                f"The memory holds {memory.num_rows} rows (documents); memorize() got {len(rows)} documents. Reset "
+                "it (model.reset_memory()) or read them into another memory (memory=model.new_memory())."
+            )
         length = max(len(row) for row in rows)
         input_ids = torch.zeros(len(rows), length, dtype=torch.long)
         attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
@@ -85,95 +134,19 @@ class MemorizingGenerationMixin(GenerationMixin):
             input_ids[index, : len(row)] = torch.tensor(row)
             attention_mask[index, : len(row)] = 1
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        cache = MemorizingCache(window or self.config.local_window, self.config.sink_tokens)
-        step = cache.window
-        for start in tqdm(range(0, length, step), desc="memorize", unit="chunk", disable=not progress):
-            end = min(start + step, length)
-            self(input_ids[:, start:end], attention_mask=attention_mask[:, :end], cache=cache, logits_to_keep=1)
-        self._evict(cache, cache.columns - cache.sink_columns, write=True)
-        return self.memory.entries()
+        cache = self.new_cache(window, memory)
+        for start in tqdm(range(0, length, cache.window), desc="memorize", unit="chunk", disable=not progress):
+            end = min(start + cache.window, length)
+            chunk = input_ids[:, start:end]
+            self(chunk, attention_mask=attention_mask[:, :end], cache=cache, logits_to_keep=1)
+        self._commit(cache, memory)
+        return memory.entries()
 
-    # -- streaming forward (called by `forward` when its cache is a MemorizingCache)
-    def _stream_forward(
-        self,
-        input_ids: torch.LongTensor | None,
-        inputs_embeds: torch.FloatTensor | None,
-        attention_mask: torch.Tensor | None,
-        cache: MemorizingCache,
-        update_memory: bool,
-        stats: dict[str, Any] | None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Any,
-    ):
-        """Read the new tokens in chunks of at most `cache.window`, evicting what leaves the window to memory
-        (diagnostics go to `stats` if it is a dict)."""
-        reference = input_ids if input_ids is not None else inputs_embeds
-        batch, tokens = reference.shape[:2]
-        real = (
-            attention_mask[:, -tokens:].bool()
-            if attention_mask is not None
-            else reference.new_ones(batch, tokens, dtype=torch.bool)
-        )
+    def _commit(self, cache: MemorizingCache, memory: Any) -> None:
+        """Write what `cache` read into `memory`: its window (but the sinks) joins what already left it, then the first
+        sequence of each prompt is appended to the prompt's memory row."""
         if cache.sink_columns is None:
-            cache.start(real)
-        beams = cache.beams
-        if batch % beams:
-            raise ValueError(f"A batch of {batch} rows cannot hold {beams} beams per prompt.")
-        self.memory.check_batch_size(batch // beams)
-        kwargs.pop("cache_position", None)  # logical positions of the full sequence: the cache is physical
-        kwargs.pop("use_cache", None)
-        outputs, logits = None, []
-        chunks = range(0, tokens, cache.window)
-        quiet = len(chunks) < PROGRESS_CHUNKS
-        for start in logging.tqdm(chunks, desc="reading", unit="window", disable=quiet, leave=False):
-            end = min(start + cache.window, tokens)
-            chunk_real = real[:, start:end]
-            chunk_ids = input_ids[:, start:end] if input_ids is not None else None
-            positions = cache.next_positions(chunk_real)
-            self._check_positions(positions)
-            store = self._storable(chunk_ids, chunk_real)
-            doc_positions = self.memory.document_positions(chunk_real[::beams]).repeat_interleave(beams, dim=0)
-            window = chunk_real.sum(dim=1) + (cache.real.sum(dim=1) if cache.real is not None else 0)
-            context = self._memory_context(positions, window, doc_positions, store, False, stats, beams=beams)
-            outputs = self.language_model(
-                input_ids=chunk_ids,
-                inputs_embeds=inputs_embeds[:, start:end] if inputs_embeds is not None else None,
-                attention_mask=cache.attention_mask(chunk_real),
-                position_ids=positions,
-                use_cache=True,
-                memory_context=context,
-                logits_to_keep=logits_to_keep if end == tokens else 1,
-                **cache_kwargs(cache),
-                **kwargs,
-            )
-            cache.append(chunk_real, store, doc_positions, positions)
-            if update_memory:
-                self.memory.advance(chunk_real[::beams])
-            self._evict(cache, cache.overflow(), write=update_memory)
-            logits.append(outputs.logits)
-        if isinstance(logits_to_keep, int) and logits_to_keep == 0:
-            outputs.logits = torch.cat(logits, dim=1)
-        set_output_cache(outputs, cache)
-        return outputs
-
-    def _evict(self, cache: MemorizingCache, count: int, write: bool) -> None:
-        """Remove `count` columns after the sinks from the cache; write them to memory if `write`."""
-        if count <= 0:
             return
-        rotary = self._rotary()
-        removed = cache.evict(count, rotary)
-        if not write:
-            return
-        store = removed["storable"] & removed["real"]
-        for layer, knn in self.knn_attention.items():
-            keys, values = removed["layers"][int(layer)]
-            knn.write(keys, values, removed["positions"], rotary, store, removed["doc_positions"], cache.beams)
-
-    def _check_positions(self, positions: torch.Tensor) -> None:
-        limit = getattr(self.config.text_config, "max_position_embeddings", None)
-        if limit is not None and int(positions.max()) >= limit:
-            raise ValueError(
-                f"Streaming needs position {int(positions.max())} but the base model has {limit} positions. Use a "
-                f"smaller window (window + chunk must stay below {limit}); models without rotary embeddings cannot "
-                "stream beyond their positions."
-            )
+        cache.evict(cache.num_columns - cache.sink_columns, self._rotary())
+        rows = torch.arange(0, cache.overflow.num_rows, cache.per_prompt)
+        memory.extend(cache.overflow, rows)

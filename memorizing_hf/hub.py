@@ -76,7 +76,7 @@ def model_card(
         memory_size=config.memory_size,
         memory_top_k=config.memory_top_k,
         combine=config.combine,
-        rotary_placement=next(iter(model.knn_attention.values())).rotary_placement,  # "absolute" without rotary
+        rotary_placement=model.memory_geometry.rotary_placement,  # "absolute" without rotary
         local_window=config.local_window,
         sink_tokens=config.sink_tokens,
         retrieval=config.retrieval,

@@ -1,23 +1,41 @@
-"""External kNN memory: a FIFO ring buffer of (key, value) pairs per batch row and key/value head.
+"""The kNN memory of a memorizing model: the state that lets it keep what it read.
 
-The memory is not part of the autograd graph: stored tensors are detached constants. Each batch row holds the
-entries of its own document; `reset` clears rows when a new document starts. Once a row holds `capacity` entries,
-new entries overwrite the oldest ones in ring order, so storage slots, positions and the retrieval backend's ids
-always describe the same entry (there is never a full reset on overflow).
+`MemoryBank` is the memory as users hold it: every memory layer's entries for every batch row (one document stream
+per row), each row's count of tokens read, and the Transformer-XL cache of each row's previous segment. A model has
+one (`model.memory`) and makes more with `model.new_memory()`; every entry point (`forward`, `generate`, `memorize`,
+evaluation, the Trainer) takes `memory=` to say which one it reads and writes. Memories are copied only on purpose
+(`copy()`), saved to and loaded from files (`save` / `load`, format version 1), and checkpointed with
+`state_dict` / `load_state_dict` (e.g. `accelerator.register_for_checkpointing(model.memory)`).
+
+`KNNMemory` is one layer's FIFO ring buffer of (key, value) pairs per row and key/value head. Its `write` is the only
+code that stores entries; `MemoryBank.write` places keys for retrieval (removes their rotary position, normalises them
+in gate mode) and calls it. Stored tensors are detached constants, outside the autograd graph. Once a row holds
+`capacity` entries, new entries overwrite the oldest ones in ring order, so storage slots, positions and the retrieval
+backend's ids always describe the same entry (there is never a full reset on overflow).
+
+This file is also shipped as Hugging Face remote code: it imports only torch, safetensors and the standard library.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
+
+from .cache import XLCache
+from .rotary import Rotary
 
 MEMORY_FILE_FORMAT = "memorizing-hf-memory"
 MEMORY_FILE_VERSION = "1"
 _MIN_ALLOCATION = 1024  # slots allocated at the first write; storage then doubles up to the capacity
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class RetrievalBackend(Protocol):
@@ -74,25 +92,13 @@ class KNNMemory:
     def is_empty(self) -> bool:
         return self.written is None or not bool(self.written.any())
 
-    def check_batch_size(self, batch_size: int) -> None:
-        """Raise if the memory holds entries laid out for a different number of rows."""
-        if self.num_rows not in (0, batch_size) and not self.is_empty():
-            raise ValueError(
-                f"The kNN memory holds entries for {self.num_rows} batch rows but this batch has {batch_size} rows. "
-                "Each row's memory belongs to the document streamed in that row: keep the batch size while "
-                "reading documents, or clear the memory first with model.reset_memory()."
-            )
-
     def reset(self, rows: torch.Tensor | None = None) -> None:
-        """Clear all rows (`rows=None`) or the rows where the boolean mask / index tensor `rows` points."""
+        """Clear all rows (`rows=None`) or the rows of the index tensor `rows`."""
         if self.written is None:
             return
         if rows is None:
             rows = torch.arange(self.num_rows, device=self.written.device)
-        elif rows.dtype == torch.bool:
-            rows = rows.to(self.written.device).nonzero().flatten()
-        else:
-            rows = rows.to(self.written.device)
+        rows = rows.to(self.written.device)
         if rows.numel() == 0:
             return
         self.written[rows] = 0
@@ -125,16 +131,19 @@ class KNNMemory:
     # ------------------------------------------------------------------ write / read
     @torch.no_grad()
     def write(self, keys: torch.Tensor, values: torch.Tensor, store: torch.Tensor, positions: torch.Tensor) -> None:
-        """Append entries in token order.
+        """Append entries in token order: the one place where entries are stored.
 
         Args:
             keys, values: `[rows, heads, tokens, head_dim]` (detached here).
-            store: `[rows, tokens]` bool, which tokens to write.
+            store: `[rows, tokens]` bool, which tokens to write. Tokens whose key or value is not finite are never
+                written: one NaN entry would be retrieved by every query of its row.
             positions: `[rows, tokens]` token positions in the document, kept with each entry.
         """
         batch_size = keys.shape[0]
-        self.check_batch_size(batch_size)
-        store = store.to(keys.device)
+        if self.num_rows not in (0, batch_size) and not self.is_empty():
+            raise ValueError(f"This memory holds {self.num_rows} rows; a write of {batch_size} rows cannot go to it.")
+        finite = torch.isfinite(keys).all(dim=(1, 3)) & torch.isfinite(values).all(dim=(1, 3))
+        store = store.to(keys.device) & finite
         counts = store.sum(dim=1)
         if self.written is None or self.num_rows != batch_size:
             self._allocate(batch_size, int(counts.max()), keys)
@@ -154,10 +163,11 @@ class KNNMemory:
         self.backend.add(rows, slots, new_keys)
 
     @torch.no_grad()
-    def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        """Slots of the top-k entries for each query, `[rows, heads, M, k]`, -1 where a row has fewer than k."""
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and slots of the top-k entries for each query, `[rows, heads, M, k]`; slot -1 (score -inf) where a
+        row has fewer than k."""
         self._follow(queries.device)
-        return self.backend.search(queries.detach(), self.keys, self.lengths, k)[1]
+        return self.backend.search(queries.detach(), self.keys, self.lengths, k)
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `[rows, heads, M, k, head_dim]` at `slots` (missing slots, -1, give slot 0)."""
@@ -167,6 +177,12 @@ class KNNMemory:
         keys = self.keys.view(-1, dim).index_select(0, flat).view(*slots.shape, dim)
         values = self.values.view(-1, dim).index_select(0, flat).view(*slots.shape, dim)
         return keys, values
+
+    def in_order(self, row: int) -> torch.Tensor:
+        """The slots of a row's valid entries from oldest to newest."""
+        written, length = int(self.written[row]), int(self.lengths[row])
+        start = written % self.capacity if written > self.capacity else 0
+        return (torch.arange(length, device=self.written.device) + start) % self.capacity
 
     def _follow(self, device: torch.device) -> None:
         """Move the storage to `device` if the model moved."""
@@ -182,7 +198,8 @@ class KNNMemory:
         return {"keys": self.keys, "values": self.values, "positions": self.positions, "written": self.written}
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Replace the memory's content by `tensors` (as produced by `state_tensors`), and rebuild the backend."""
+        """Replace the memory's content by `tensors` (as produced by `state_tensors`, already checked), and rebuild
+        the backend."""
         old_rows = self.num_rows
         if not tensors:
             if old_rows:
@@ -199,56 +216,142 @@ class KNNMemory:
         if rows.numel():
             self.backend.add(rows, slots, self.keys[rows, :, slots])
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep the rows `index` `[n]` (in that order, repeats allowed): beam search reordering its beams."""
+        if self.written is None:
+            return
+        index = index.to(self.written.device)
+        self.load_state_tensors({name: tensor.index_select(0, index) for name, tensor in self.state_tensors().items()})
+
+
+@dataclass(frozen=True)
+class MemoryGeometry:
+    """What a memory must match to be read by a model; written into memory files."""
+
+    layers: tuple[int, ...]
+    num_kv_heads: int
+    head_dim: int
+    memory_size: int
+    combine: str
+    rotary_placement: str
+    base_model_type: str | None = None
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {**asdict(self), "layers": list(self.layers)}
+
 
 class MemoryBank:
-    """The memories of all memory layers of a model, plus each row's count of document tokens read so far.
+    """The memory of a model: every memory layer's entries for every batch row, each row's tokens read, and the XL
+    cache of each row's previous segment (see the module docstring).
 
-    All layers see the same batch rows, so row layout, resets, batch-size checks and files are handled here once.
+    Rows are laid out by the first call that writes; resetting every row (`reset()`) lets a batch of any size follow.
     """
 
     def __init__(
         self,
-        layers: list[int],
-        capacity: int,
-        num_heads: int,
-        head_dim: int,
+        geometry: MemoryGeometry,
         backend_factory: Callable[[], RetrievalBackend],
         dtype: torch.dtype | None = None,
+        xl_sink_tokens: int = 1,
     ) -> None:
-        self.capacity, self.num_heads, self.head_dim = capacity, num_heads, head_dim
-        self.layers = {layer: KNNMemory(capacity, num_heads, head_dim, backend_factory(), dtype) for layer in layers}
+        self.geometry = geometry
+        self.backend_factory = backend_factory
+        self.dtype = dtype
+        self.layers = {
+            layer: KNNMemory(geometry.memory_size, geometry.num_kv_heads, geometry.head_dim, backend_factory(), dtype)
+            for layer in geometry.layers
+        }
         self.tokens_seen: torch.Tensor | None = None
+        self.xl = XLCache(xl_sink_tokens)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def num_rows(self) -> int:
+        """Rows (documents) the memory is laid out for; 0 before anything was read into it."""
+        counts = {memory.num_rows for memory in self.layers.values() if not memory.is_empty()}
+        if self.tokens_seen is not None:
+            counts.add(self.tokens_seen.shape[0])
+        if not self.xl.is_empty():
+            counts.add(self.xl.valid.shape[0])
+        return max(counts, default=0)
 
     def is_empty(self) -> bool:
-        return all(memory.is_empty() for memory in self.layers.values())
+        return all(memory.is_empty() for memory in self.layers.values()) and self.xl.is_empty()
 
     def entries(self) -> dict[int, list[int]]:
         """Valid entries per row, per layer."""
         return {layer: memory.lengths.tolist() for layer, memory in self.layers.items()}
 
+    def __repr__(self) -> str:
+        entries = {layer: memory.lengths.tolist() for layer, memory in self.layers.items()}
+        per_row = next(iter(entries.values()), [])
+        device = next((m.keys.device for m in self.layers.values() if m.keys is not None), "not allocated")
+        return (
+            f"MemoryBank(rows={self.num_rows}, entries per row={per_row}, layers={list(self.geometry.layers)}, "
+            f"capacity={self.geometry.memory_size}, kv_heads={self.geometry.num_kv_heads}, "
+            f"head_dim={self.geometry.head_dim}, dtype={self.dtype or 'as the model'}, device={device}, "
+            f"xl_cache_tokens={self.xl.length})"
+        )
+
+    def new(self) -> MemoryBank:
+        """An empty memory of the same geometry."""
+        return MemoryBank(self.geometry, self.backend_factory, self.dtype, self.xl.sink_tokens)
+
+    def copy(self) -> MemoryBank:
+        """An independent copy (tensors cloned, retrieval indexes rebuilt)."""
+        other = self.new()
+        other.load_state_dict(self.state_dict())
+        return other
+
     def check_batch_size(self, batch_size: int, reset: torch.Tensor | None = None) -> None:
-        """Raise (changing nothing) if the memory holds entries for another number of rows, unless every row of the
-        batch starts a new document, in which case the old memory is simply dropped."""
-        rows = {memory.num_rows for memory in self.layers.values() if not memory.is_empty()}
-        if not rows or rows == {batch_size}:
+        """Raise (changing nothing) if the memory holds rows for another number of rows, unless every row of the
+        batch starts a new document, in which case the old memory is dropped."""
+        if self.num_rows in (0, batch_size):
             return
         if reset is not None and bool(reset.all()):
             self.reset()
             return
-        next(memory for memory in self.layers.values() if not memory.is_empty()).check_batch_size(batch_size)
+        raise ValueError(
+            f"The kNN memory holds entries for {self.num_rows} batch rows but this batch has {batch_size} rows. "
+            "Each row's memory belongs to the document streamed in that row: keep the batch size while reading "
+            "documents, pass another memory (memory=model.new_memory()), or clear it with model.reset_memory()."
+        )
 
-    def reset(self, rows: torch.Tensor | None = None) -> None:
-        """Clear the rows given as indices or a boolean mask; `None` clears everything, row layout included, so that
-        batches of any size may follow."""
+    def rows_index(self, rows: torch.Tensor | list[int] | list[bool] | None) -> torch.Tensor | None:
+        """`rows` as a validated index tensor (None: all rows). A bool mask needs one flag per row; indices must be
+        integers within the rows; anything else raises, before anything changes."""
         if rows is None:
+            return None
+        tensor = rows if isinstance(rows, torch.Tensor) else torch.as_tensor(rows)
+        count = self.num_rows
+        if tensor.dtype == torch.bool:
+            if tensor.dim() != 1 or (count and tensor.shape[0] != count):
+                raise ValueError(
+                    f"A bool row mask needs one flag per memory row ({count}), got shape {tuple(tensor.shape)}."
+                )
+            return tensor.nonzero().flatten()
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dim() > 1:
+            raise ValueError(f"Rows are given as indices (integers) or a bool mask, got {tensor.dtype} {rows!r}.")
+        tensor = tensor.reshape(-1).long()
+        if tensor.numel() and (int(tensor.min()) < -count or int(tensor.max()) >= max(count, 1)):
+            raise ValueError(f"Row index out of range: the memory has {count} rows, got {tensor.tolist()}.")
+        return tensor % max(count, 1)
+
+    def reset(self, rows: torch.Tensor | list[int] | list[bool] | None = None) -> None:
+        """Clear the rows given as indices or a bool mask; `None` clears everything, row layout included, so that
+        batches of any size may follow."""
+        index = self.rows_index(rows)
+        if index is None:
             for memory in self.layers.values():
                 memory.load_state_tensors({})
             self.tokens_seen = None
+            self.xl.clear()
             return
         for memory in self.layers.values():
-            memory.reset(rows)
+            memory.reset(index)
         if self.tokens_seen is not None:
-            self.tokens_seen[rows.to(self.tokens_seen.device)] = 0
+            self.tokens_seen[index.to(self.tokens_seen.device)] = 0
+        self.xl.reset(index)
 
     def document_positions(self, real: torch.Tensor) -> torch.Tensor:
         """Positions in their documents `[rows, tokens]` of the non-padding tokens `real` about to be read."""
@@ -264,30 +367,135 @@ class MemoryBank:
             return torch.zeros(real.shape[0], dtype=torch.long, device=real.device)
         return self.tokens_seen.to(real.device)
 
-    def save(
-        self, path: str | Path, geometry: Mapping[str, object], extra: Mapping[str, torch.Tensor] | None = None
-    ) -> None:
-        """Write all layers (and `extra` tensors, e.g. the XL cache, stored under `extra.`) to a safetensors file
-        whose metadata records the model's memory geometry."""
-        from safetensors.torch import save_file
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep the rows `index` `[n]`, in that order (beam search reordering its beams)."""
+        for memory in self.layers.values():
+            memory.select_rows(index)
+        if self.tokens_seen is not None:
+            self.tokens_seen = self.tokens_seen.index_select(0, index.to(self.tokens_seen.device))
 
-        tensors = {f"extra.{name}": tensor.detach().contiguous().cpu() for name, tensor in (extra or {}).items()}
+    # ------------------------------------------------------------------ placement, write, search
+    def place_keys(self, keys: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
+        """Keys `[B, Hkv, T, D]` as local attention saw them (rotated at `positions` `[B, T]`) as memory stores them:
+        without rotary position ("fixed" / "none" placement), L2-normalised in gate mode."""
+        if rotary is not None and self.geometry.rotary_placement in ("fixed", "none"):
+            keys = rotary.rotate(keys, -positions)
+        return F.normalize(keys, dim=-1) if self.geometry.combine == "gate" else keys
+
+    def place_queries(
+        self, queries: torch.Tensor, positions: torch.Tensor, distance: torch.Tensor | int, rotary: Rotary | None
+    ) -> torch.Tensor:
+        """Queries `[B, H, T, D]` (rotated at `positions`) placed to meet stored keys: "fixed" rotates them to the
+        relative `distance` (every entry looks just outside the local window), "none" removes their rotation."""
+        if rotary is not None and self.geometry.rotary_placement == "fixed":
+            queries = rotary.rotate(queries, distance - positions)
+        elif rotary is not None and self.geometry.rotary_placement == "none":
+            queries = rotary.rotate(queries, -positions)
+        return F.normalize(queries, dim=-1) if self.geometry.combine == "gate" else queries
+
+    @torch.no_grad()
+    def write(
+        self,
+        layer: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary | None,
+        store: torch.Tensor,
+        doc_positions: torch.Tensor,
+    ) -> None:
+        """Store the tokens `store` `[B, T]` of one layer's keys/values `[B, Hkv, T, D]` (keys rotated at `positions`),
+        with their document positions."""
+        self.layers[layer].write(self.place_keys(keys, positions, rotary), values, store, doc_positions)
+
+    @torch.no_grad()
+    def search(
+        self, layer: int, queries: torch.Tensor, k: int, group: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k scores, keys and values `[B, Hkv, M, k(, D)]` for placed queries `[B, Hkv, M, D]`. Each memory row
+        serves `group` consecutive batch rows (the sequences of one prompt, or every prompt of a one-row memory)."""
+        memory = self.layers[layer]
+        batch, heads, queries_per_row, dim = queries.shape
+        rows = batch // group
+        shared = queries.view(rows, group, heads, queries_per_row, dim).transpose(1, 2)
+        scores, slots = memory.search(shared.reshape(rows, heads, group * queries_per_row, dim), k)
+        keys, values = memory.gather(slots)
+
+        def per_row(x: torch.Tensor) -> torch.Tensor:
+            x = x.view(rows, heads, group, queries_per_row, *x.shape[3:]).transpose(1, 2)
+            return x.reshape(batch, heads, queries_per_row, *x.shape[4:])
+
+        return per_row(scores.masked_fill(slots < 0, -math.inf)), per_row(keys), per_row(values)
+
+    @torch.no_grad()
+    def extend(self, other: MemoryBank, rows: torch.Tensor) -> None:
+        """Append what `other` holds in its rows `rows` `[n]` to this memory's n rows, in the order it was read, its
+        document positions continuing each row's count (a generate call committing what it read)."""
+        count = rows.numel()
+        if self.num_rows not in (0, count):
+            raise ValueError(f"This memory holds {self.num_rows} rows; {count} rows cannot be added to it.")
+        seen = self.tokens_seen.clone() if self.tokens_seen is not None else torch.zeros(count, dtype=torch.long)
+        for layer, memory in self.layers.items():
+            source = other.layers[layer]
+            if source.written is None:
+                continue
+            order = [source.in_order(int(row)) for row in rows]
+            width = max((len(slots) for slots in order), default=0)
+            if width == 0:
+                continue
+            slots = torch.stack([F.pad(s, (0, width - len(s))) for s in order])  # [n, width]
+            lengths = torch.tensor([len(s) for s in order], device=slots.device)
+            store = torch.arange(width, device=slots.device) < lengths.unsqueeze(1)
+            index = rows.to(slots.device).unsqueeze(1)
+            keys = source.keys[index, :, slots].transpose(1, 2)  # [n, H, width, D]
+            values = source.values[index, :, slots].transpose(1, 2)
+            positions = source.positions[index, slots] + seen.to(slots.device).unsqueeze(1)
+            memory.write(keys, values, store, positions)
+        read = other.tokens_seen[rows.to(other.tokens_seen.device)] if other.tokens_seen is not None else 0
+        self.tokens_seen = seen.to(rows.device) + torch.as_tensor(read, device=rows.device)
+
+    # ------------------------------------------------------------------ state dict and files
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the memory is: its tensors (as in memory files) and its geometry. Cloned: later reading does
+        not change a state dict taken now."""
+        tensors = {name: tensor.detach().clone() for name, tensor in self._tensors().items()}
+        return {"geometry": json.dumps(self.geometry.as_metadata(), sort_keys=True), **tensors}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the memory by a `state_dict`; checked completely before anything changes."""
+        state = dict(state)
+        geometry = state.pop("geometry", None)
+        stored = json.loads(geometry) if isinstance(geometry, str) else None
+        self._replace(self._checked("state dict", stored, state))
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"extra.{name}": tensor for name, tensor in self.xl.state_tensors().items()}
         for layer, memory in self.layers.items():
             for name, tensor in memory.state_tensors().items():
-                tensors[f"layer.{layer}.{name}"] = tensor.detach().contiguous().cpu()
+                tensors[f"layer.{layer}.{name}"] = tensor
         if self.tokens_seen is not None:
-            tensors["tokens_seen"] = self.tokens_seen.cpu()
+            tensors["tokens_seen"] = self.tokens_seen
+        return tensors
+
+    def save(self, path: str | Path) -> None:
+        """Write the memory to a safetensors file whose metadata records its geometry."""
+        from safetensors.torch import save_file
+
+        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in self._tensors().items()}
         metadata = {
             "format": MEMORY_FILE_FORMAT,
             "version": MEMORY_FILE_VERSION,
-            "geometry": json.dumps(dict(geometry), sort_keys=True),
+            "geometry": json.dumps(self.geometry.as_metadata(), sort_keys=True),
         }
         save_file(tensors, str(path), metadata=metadata)
 
-    def load(self, path: str | Path, geometry: Mapping[str, object], device: torch.device) -> dict[str, torch.Tensor]:
-        """Load a file written by `save` and return its `extra` tensors. Everything is checked before anything is
-        replaced, so a file that does not match (or is truncated or corrupted) raises and leaves the memory as it was.
-        """
+    def load(
+        self, path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        """Load a file written by `save`. Everything is checked before anything is replaced (names, dtypes, shapes,
+        counters, finiteness, geometry), so a file that does not fit, or is truncated or corrupted, raises and leaves
+        the memory as it was. The tensors are read into memory of their own (the file is not kept mapped). Keys and
+        values are cast to the memory's dtype (`dtype` for a memory that has none yet)."""
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -296,7 +504,7 @@ class MemoryBank:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 metadata = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+                tensors = {name: handle.get_tensor(name).clone() for name in handle.keys()}
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise ValueError(f"{path} is not a readable memory file (truncated or corrupted?): {error}") from error
         if metadata.get("format") != MEMORY_FILE_FORMAT:
@@ -307,48 +515,114 @@ class MemoryBank:
             stored = json.loads(metadata.get("geometry", ""))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} has unreadable geometry metadata (corrupted file?).") from error
-        expected = json.loads(json.dumps(dict(geometry)))
+        checked = self._checked(str(path), stored, tensors, dtype)
+        self._replace({name: tensor.to(device) if device is not None else tensor for name, tensor in checked.items()})
+
+    def _checked(
+        self, source: str, stored: Any, tensors: Mapping[str, Any], dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        """`tensors` of a file or state dict, checked against this memory and cast to its dtype (or `dtype` for a
+        memory that has none yet); raises naming the problem."""
+        if not isinstance(stored, dict):
+            raise ValueError(f"{source} has no geometry describing the memory (corrupted?). Memory left unchanged.")
+        expected = self.geometry.as_metadata()
         mismatched = {key: (stored.get(key), value) for key, value in expected.items() if stored.get(key) != value}
         if mismatched:
             details = "; ".join(f"{key}: file has {a!r}, model has {b!r}" for key, (a, b) in mismatched.items())
-            raise ValueError(f"{path} was written for a different memory geometry ({details}). Memory left unchanged.")
-
-        staged = {layer: self._staged_layer(path, layer, memory, tensors) for layer, memory in self.layers.items()}
-        extra = {name[len("extra.") :]: t.to(device) for name, t in tensors.items() if name.startswith("extra.")}
-        row_counts = {parts["written"].shape[0] for parts in staged.values() if parts}
-        row_counts |= {tensor.shape[0] for tensor in extra.values()}
+            raise ValueError(
+                f"{source} was written for a different memory geometry ({details}). Memory left unchanged."
+            )
+        known = {"tokens_seen", "extra.valid"} | {
+            f"layer.{layer}.{name}" for layer in self.layers for name in ("keys", "values", "positions", "written")
+        }
+        xl_layer = re.compile(r"^extra\.(keys|values)\.\d+$")  # the XL cache covers every layer of the model
+        unknown = sorted(name for name in tensors if name not in known and not xl_layer.match(name))
+        if unknown:
+            raise ValueError(f"{source} holds tensors a memory does not have: {unknown}. Memory left unchanged.")
+        for name, tensor in tensors.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"{source}: {name} is not a tensor. Memory left unchanged.")
+        checked: dict[str, torch.Tensor] = {}
+        rows: set[int] = set()
+        for layer, memory in self.layers.items():
+            parts = {name: tensors.get(f"layer.{layer}.{name}") for name in ("keys", "values", "positions", "written")}
+            if all(tensor is None for tensor in parts.values()):
+                continue
+            self._check_layer(source, layer, memory, parts, dtype)
+            rows.add(parts["written"].shape[0])
+            checked.update({f"layer.{layer}.{name}": tensor for name, tensor in parts.items()})
         seen = tensors.get("tokens_seen")
         if seen is not None:
-            row_counts.add(seen.shape[0])
-        if len(row_counts) > 1:
-            raise ValueError(f"{path} holds different numbers of batch rows per tensor (corrupted file?).")
-        for layer, memory in self.layers.items():
-            memory.load_state_tensors({name: tensor.to(device) for name, tensor in staged[layer].items()})
-        self.tokens_seen = seen.to(device) if seen is not None else None
-        return extra
+            if seen.dim() != 1 or seen.dtype != torch.long or bool((seen < 0).any()):
+                raise ValueError(f"{source}: tokens_seen must be non-negative int64 counts per row. Memory unchanged.")
+            rows.add(seen.shape[0])
+            checked["tokens_seen"] = seen
+        xl = {name: tensor for name, tensor in tensors.items() if name.startswith("extra.")}
+        if xl:
+            rows.add(self._check_xl(source, xl))
+            checked.update(xl)
+        if len(rows) > 1:
+            raise ValueError(f"{source} holds different numbers of rows per tensor (corrupted?). Memory unchanged.")
+        return checked
 
-    @staticmethod
-    def _staged_layer(
-        path: Path, layer: int, memory: KNNMemory, tensors: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """One layer's tensors from a memory file, checked for consistency with the memory they will replace."""
-        parts = {name: tensors.get(f"layer.{layer}.{name}") for name in ("keys", "values", "positions", "written")}
-        if all(tensor is None for tensor in parts.values()):
-            return {}
+    def _check_layer(
+        self,
+        source: str,
+        layer: int,
+        memory: KNNMemory,
+        parts: dict[str, torch.Tensor | None],
+        dtype: torch.dtype | None,
+    ) -> None:
+        def refuse(problem: str) -> None:
+            raise ValueError(f"{source}: layer {layer} {problem}. Memory left unchanged.")
+
         if any(tensor is None for tensor in parts.values()):
-            raise ValueError(f"{path} is incomplete: layer {layer} lacks some of keys/values/positions/written.")
+            refuse("lacks some of keys/values/positions/written")
         keys, values, positions, written = parts["keys"], parts["values"], parts["positions"], parts["written"]
-        rows, heads, slots, dim = keys.shape
-        consistent = (
-            values.shape == keys.shape
-            and positions.shape == (rows, slots)
-            and written.shape == (rows,)
-            and heads == memory.num_heads
-            and dim == memory.head_dim
-            and slots <= memory.capacity
-            and bool((written >= 0).all())
-            and bool((written.clamp(max=memory.capacity) <= slots).all())
-        )
-        if not consistent:
-            raise ValueError(f"{path} has inconsistent tensors for layer {layer} (corrupted file?). Memory unchanged.")
-        return parts
+        if keys.dim() != 4 or keys.shape[1:2] != (memory.num_heads,) or keys.shape[3] != memory.head_dim:
+            refuse(f"keys have shape {tuple(keys.shape)}, not [rows, {memory.num_heads}, slots, {memory.head_dim}]")
+        rows, _, slots, _ = keys.shape
+        if values.shape != keys.shape or positions.shape != (rows, slots) or written.shape != (rows,):
+            refuse("has tensors of inconsistent shapes")
+        if slots > memory.capacity:
+            refuse(f"holds {slots} slots, more than the capacity {memory.capacity}")
+        for name, tensor in (("keys", keys), ("values", values)):
+            if tensor.dtype not in _FLOAT_DTYPES:
+                refuse(f"{name} have dtype {tensor.dtype}, not a floating point dtype")
+        if positions.dtype != torch.long or written.dtype != torch.long:
+            refuse("positions and written must be int64")
+        if bool((written < 0).any()) or bool((written > 2**62).any()):
+            refuse("has entry counts out of range")
+        lengths = written.clamp(max=memory.capacity)
+        if bool((lengths > slots).any()):
+            refuse("counts more entries than it stores")
+        valid = torch.arange(slots).unsqueeze(0) < lengths.unsqueeze(1)  # [rows, slots]
+        for name, tensor in (("keys", keys), ("values", values)):
+            if not bool(torch.isfinite(tensor.float()).all(dim=(1, 3))[valid].all()):
+                refuse(f"{name} hold non-finite numbers")
+        if bool((positions[valid] < 0).any()):
+            refuse("has negative positions for stored entries")
+        dtype = memory.dtype or (memory.keys.dtype if memory.keys is not None else dtype)
+        if dtype is not None:  # cast to the memory's dtype, never switch it
+            parts["keys"], parts["values"] = keys.to(dtype), values.to(dtype)
+
+    def _check_xl(self, source: str, xl: Mapping[str, torch.Tensor]) -> int:
+        valid = xl.get("extra.valid")
+        if valid is None or valid.dtype != torch.bool or valid.dim() != 2:
+            raise ValueError(f"{source}: the XL cache lacks a bool 'extra.valid' [rows, tokens]. Memory unchanged.")
+        rows, tokens = valid.shape
+        for name, tensor in xl.items():
+            if name == "extra.valid":
+                continue
+            fits = tensor.dim() == 4 and tensor.shape[0] == rows and tensor.shape[2] == tokens
+            if not fits or tensor.dtype not in _FLOAT_DTYPES or not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{source}: the XL cache tensor {name} does not fit. Memory left unchanged.")
+        return rows
+
+    def _replace(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replace everything by checked tensors."""
+        for layer, memory in self.layers.items():
+            prefix = f"layer.{layer}."
+            memory.load_state_tensors({n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)})
+        self.tokens_seen = tensors.get("tokens_seen")
+        self.xl.load_state_tensors({n[len("extra.") :]: t for n, t in tensors.items() if n.startswith("extra.")})

@@ -5,14 +5,20 @@ of the (key, value) pairs of everything earlier in the document; each query retr
 them with local attention (Wu et al., "Memorizing Transformers", ICLR 2022).
 
 Nothing of the base model is forked or monkey-patched. The memory layers are reached through transformers'
-attention interface: the base config's `_attn_implementation` names a registered attention function
+attention interface: the base model's attention implementation is set to a registered attention function
 (`memorizing_sdpa`, `memorizing_eager`) that, keyed on the attention module's `layer_idx`, runs kNN memory attention
 on memory layers and the plain local implementation on every other layer. The memory layers' own parameters (gate
-and scale) live in `MemorizingForCausalLM.knn_attention`; the per-call state (which layers, which tokens to store,
-positions) reaches the attention function through the model's keyword arguments as a `MemoryContext`.
+and scale) live in `knn_attention`; the memory itself is a `MemoryBank` (`memory.py`) that no module holds: each
+call names the memory it uses (`memory=`, by default `model.memory`) and the per-call `MemoryContext` carries it to
+the attention function through the model's keyword arguments.
 
-File layout (top to bottom): the per-call context, the kNN attention module, the
-registered attention and mask functions, the model.
+Memory state changes only in `memory.py` (`KNNMemory.write`, resets, loading), driven from two places here: a
+segment read with `memory_reset` or `update_memory=True` writes its tokens after reading them (`KNNAttention`), and a
+streaming read evicts what leaves its window into its cache's own memory (`cache.py`), which `generate` / `memorize`
+commit into the model's memory when asked.
+
+File layout (top to bottom): the per-call context, the kNN attention module, the registered attention and mask
+functions, the models (`MemorizingModel` for `AutoModel`, `MemorizingForCausalLM`).
 """
 
 from __future__ import annotations
@@ -21,14 +27,14 @@ import copy
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel, logging
 
 from ._compat import (
     ModelOutput,
@@ -40,19 +46,23 @@ from ._compat import (
     constant_,
     pop_cache,
     register_attention,
+    set_output_cache,
     tie_weights_left_unloaded,
 )
 from .cache import MemorizingCache, XLCache
 from .configuration_memorizing import LOCAL_ATTN_IMPLEMENTATIONS, MemorizingConfig
 from .generation import MemorizingGenerationMixin
-from .memory import KNNMemory, MemoryBank
+from .memory import MemoryBank, MemoryGeometry
 from .retrieval import make_backend
 from .rotary import Rotary
+
+logger = logging.get_logger(__name__)
 
 # Name of the memory file that travels beside the weights of a checkpoint (`from_pretrained(..., memory_file=...)`).
 MEMORY_FILE_NAME = "memory.safetensors"
 # `from_pretrained` arguments that say where files of a checkpoint are found; a memory file is found the same way.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+PROGRESS_CHUNKS = 8  # inputs of at least this many windows are read with a progress bar
 
 
 # ---------------------------------------------------------------------------------------------------- per-call context
@@ -61,35 +71,49 @@ class MemoryContext:
     """What one forward call tells the memory layers.
 
     Attributes:
-        layers: memory layer index -> its `KNNAttention`.
-        positions: `[batch, tokens]` position ids of the new tokens (rotary placement).
-        window: `[batch]` real tokens local attention sees in this call (cache + new), the default distance at
-            which "fixed" placement puts memory entries.
+        knn: memory layer index -> its `KNNAttention`.
+        memory: the memory this call reads (and writes, if `write`).
+        group: batch rows per memory row: 1 when row b reads memory row b, n when the n sequences of a prompt share
+            its row, the batch size when every prompt reads a one-row memory.
+        overflow: the streaming cache's memory of what left its window (one row per batch row), or None.
+        write: store this call's tokens in `memory` after reading them (segment reading).
+        positions: `[batch, tokens]` rotary position ids of the new tokens.
+        distance: real tokens local attention sees, the distance at which "fixed" placement puts memory entries
+            (unless the config fixes `memory_query_offset`): `[batch, 1]` per segment when reading segments (XL cache
+            + segment), `[batch, tokens]` per token when streaming (so that generation does not depend on how its
+            input is chunked: prefill windows, decoding steps, drafted tokens verified at once).
         rotary: the base model's rotary embedding (None without rotary embeddings).
         doc_positions: `[batch, tokens]` positions of the new tokens in their documents (stored with each entry).
-        store: `[batch, tokens]` bool, which new tokens to write to memory.
-        write: whether this call writes to memory at all (False: read-only).
+        store: `[batch, tokens]` bool, which new tokens may be written to memory.
         stats: filled with diagnostics when not None.
         xl: the XL cache, put in front of every layer's keys and values (None: no XL this call).
-        beams: batch rows per memory row. Beam search runs `beams` rows per prompt; they share the prompt's memory
-            row (beam rows of a prompt are consecutive, as `generate` lays them out).
         xl_new: the keys/values of this segment per layer, recorded for the XL cache of the next call.
         stash: retrieval results per layer, so that a recomputation under gradient checkpointing sees exactly what
             the first pass saw and does not write twice.
     """
 
-    layers: dict[int, KNNAttention]
+    knn: dict[int, KNNAttention]
+    memory: MemoryBank
+    group: int
+    overflow: MemoryBank | None
+    write: bool
     positions: torch.Tensor
-    window: torch.Tensor
+    distance: torch.Tensor
     rotary: Rotary | None
     doc_positions: torch.Tensor
     store: torch.Tensor
-    write: bool = True
     stats: dict[str, Any] | None = None
     xl: XLCache | None = None
-    beams: int = 1
     xl_new: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    stash: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    stash: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
+
+    def sources(self, layer: int) -> list[tuple[MemoryBank, int]]:
+        """The memories holding entries for `layer`, with their batch rows per memory row: the call's memory and the
+        overflow."""
+        found = [(self.memory, self.group)] if not self.memory.layers[layer].is_empty() else []
+        if self.overflow is not None and not self.overflow.layers[layer].is_empty():
+            found.append((self.overflow, 1))
+        return found
 
 
 # ---------------------------------------------------------------------------------------------------- kNN attention
@@ -99,68 +123,42 @@ class KNNAttention(nn.Module):
     Gate mode (the paper): memory attention has its own softmax over the retrieved keys, with L2-normalised queries
     and keys scaled by a learned per-head factor; a learned per-head gate g = sigmoid(b) gives
     out = g * memory + (1 - g) * local. Joint mode: the retrieved keys join the local softmax (no parameters).
-    Rows whose memory is empty get exactly the local result.
+    Rows whose memory is empty get exactly the local result. The module holds parameters only, never memory.
     """
 
-    def __init__(self, config: MemorizingConfig, layer_idx: int, memory: KNNMemory, rotary: bool):
+    def __init__(self, config: MemorizingConfig, layer_idx: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
-        text = config.text_config
         self.layer_idx = layer_idx
         self.combine = config.combine
         self.top_k = config.memory_top_k
-        self.num_heads = text.num_attention_heads
-        self.num_kv_heads = memory.num_heads
-        self.rotary_placement = config.rotary_placement if rotary else "absolute"
+        self.num_heads = config.text_config.num_attention_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
         self.query_offset = config.memory_query_offset
-        self.memory = memory
         if self.combine == "gate":
-            scale = config.memory_scale_init or math.sqrt(memory.head_dim)
+            scale = config.memory_scale_init or math.sqrt(head_dim)
             self.gate_bias = nn.Parameter(torch.full((self.num_heads,), config.gate_init))
             self.memory_scale = nn.Parameter(torch.full((self.num_heads,), float(scale)))
 
-    # -- placement: how keys are stored and how queries meet them
-    def _place_queries(self, query: torch.Tensor, context: MemoryContext) -> torch.Tensor:
-        if self.rotary_placement == "fixed":
-            offset = self.query_offset if self.query_offset is not None else context.window.unsqueeze(1)
-            query = context.rotary.rotate(query, offset - context.positions)
-        elif self.rotary_placement == "none":
-            query = context.rotary.rotate(query, -context.positions)
-        return F.normalize(query, dim=-1) if self.combine == "gate" else query
+    def extra_repr(self) -> str:
+        return (
+            f"layer={self.layer_idx}, combine={self.combine!r}, top_k={self.top_k}, heads={self.num_heads}, "
+            f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+        )
 
     @torch.no_grad()
-    def write(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: Rotary | None,
-        store: torch.Tensor,
-        doc_positions: torch.Tensor,
-        beams: int = 1,
-    ) -> None:
-        """Write keys/values `[B, Hkv, T, D]` (keys as local attention saw them: rotated at `positions` `[B, T]`) to
-        memory, placed for retrieval. With beams, the first beam of each prompt writes for the prompt."""
-        if self.rotary_placement in ("fixed", "none"):
-            key = rotary.rotate(key, -positions)
-        if self.combine == "gate":
-            key = F.normalize(key, dim=-1)
-        self.memory.write(key[::beams], value[::beams], store[::beams], doc_positions[::beams])
-
-    # -- retrieval
-    @torch.no_grad()
-    def _retrieve(self, grouped: torch.Tensor, beams: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Slots, keys and values `[B, Hkv, M, k(, D)]` retrieved for the memory queries `[B, Hkv, M, D]`; the
-        `beams` consecutive rows of a prompt search its memory row together."""
-        batch, heads, queries, dim = grouped.shape
-        shared = grouped.view(batch // beams, beams, heads, queries, dim).transpose(1, 2)
-        slots = self.memory.search(shared.reshape(batch // beams, heads, beams * queries, dim), self.top_k)
-        keys, values = self.memory.gather(slots)
-
-        def per_row(x: torch.Tensor) -> torch.Tensor:
-            x = x.view(batch // beams, heads, beams, queries, *x.shape[3:]).transpose(1, 2)
-            return x.reshape(batch, heads, queries, *x.shape[4:])
-
-        return per_row(slots), per_row(keys), per_row(values)
+    def _retrieve(self, grouped: torch.Tensor, context: MemoryContext) -> tuple[torch.Tensor, ...]:
+        """Keys, values and validity `[B, Hkv, M, k(, D)]` of the top-k entries over every memory the call reads,
+        for the placed queries `[B, Hkv, M, D]`."""
+        sources = context.sources(self.layer_idx)
+        found = [memory.search(self.layer_idx, grouped, self.top_k, group) for memory, group in sources]
+        scores, keys, values = found[0]
+        if len(found) > 1:  # the best k of the union
+            scores, top = torch.cat([f[0] for f in found], dim=-1).topk(self.top_k, dim=-1)
+            top = top.unsqueeze(-1).expand(*top.shape, keys.shape[-1])
+            keys = torch.cat([f[1] for f in found], dim=-2).gather(-2, top)
+            values = torch.cat([f[2] for f in found], dim=-2).gather(-2, top)
+        return keys, values, torch.isfinite(scores)
 
     def forward(
         self,
@@ -181,27 +179,29 @@ class KNNAttention(nn.Module):
         retrieval is stashed in the context: a recomputation under gradient checkpointing reuses it and does not write.
         """
         batch, _, tokens, dim = query.shape
-        if key.shape[1] != self.num_kv_heads or key.shape[3] != self.memory.head_dim:
+        if key.shape[1] != self.num_kv_heads or key.shape[3] != self.head_dim:
             raise ValueError(
                 f"Layer {self.layer_idx} computes {key.shape[1]} key/value heads of {key.shape[3]} dims, but its "
-                f"memory was built for {self.num_kv_heads} of {self.memory.head_dim}: the attention module differs "
-                "from the one the memory was sized for."
+                f"memory was built for {self.num_kv_heads} of {self.head_dim}: the attention module differs from "
+                "the one the memory was sized for."
             )
         scaling = attention_scaling(module, scaling, dim)
         first_pass = self.layer_idx not in context.stash
-        uses_memory = not self.memory.is_empty() if first_pass else context.stash[self.layer_idx] is not None
-        if not uses_memory:
-            context.stash[self.layer_idx] = None
+        reads = bool(context.sources(self.layer_idx)) if first_pass else context.stash[self.layer_idx] is not None
+        if reads:
+            distance = self.query_offset if self.query_offset is not None else context.distance
+            placed = context.memory.place_queries(query, context.positions, distance, context.rotary)
+            grouped = placed.reshape(batch, self.num_kv_heads, -1, dim)  # query head h*G+g reads kv head h
+        if first_pass:
+            context.stash[self.layer_idx] = self._retrieve(grouped, context) if reads else None
+        retrieved = context.stash[self.layer_idx]
+        if retrieved is None:
             output, weights = local_attention(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
         else:
-            placed = self._place_queries(query, context)
-            grouped = placed.reshape(batch, self.num_kv_heads, -1, dim)  # query head h*G+g reads kv head h
-            if first_pass:
-                context.stash[self.layer_idx] = self._retrieve(grouped, context.beams)
-            slots, mem_keys, mem_values = context.stash[self.layer_idx]
-            mem_keys, mem_values, valid = mem_keys.to(query.dtype), mem_values.to(query.dtype), slots >= 0
+            mem_keys, mem_values, valid = retrieved
+            mem_keys, mem_values = mem_keys.to(query.dtype), mem_values.to(query.dtype)
             if self.combine == "gate":
                 output, weights = local_attention(
                     module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -209,32 +209,22 @@ class KNNAttention(nn.Module):
                 output = self._gated(output, grouped, mem_keys, mem_values, valid, context)
             else:
                 output, weights = self._joint(
-                    module,
-                    query,
-                    key,
-                    value,
-                    attention_mask,
-                    grouped,
-                    mem_keys,
-                    mem_values,
-                    valid,
-                    scaling,
-                    dropout,
-                    kwargs.get("softcap"),
-                    context,
-                )
+                    module, query, key, value, attention_mask, grouped, mem_keys, mem_values, valid, scaling,
+                    dropout, kwargs.get("softcap"), context,
+                )  # fmt: skip
         if context.write and first_pass:  # no autograd records: checkpoint recomputation stays identical
-            self.write(
+            context.memory.write(
+                self.layer_idx,
                 key[:, :, -tokens:],
                 value[:, :, -tokens:],
                 context.positions,
                 context.rotary,
                 context.store,
                 context.doc_positions,
-                context.beams,
             )
         if context.stats is not None:
-            context.stats.setdefault("entries", {})[self.layer_idx] = self.memory.lengths.tolist()
+            entries = context.memory.layers[self.layer_idx].lengths.tolist()
+            context.stats.setdefault("entries", {})[self.layer_idx] = entries
         return output, weights
 
     def _gated(
@@ -339,7 +329,7 @@ def _memorizing_attention(local_name: str) -> Callable:
             memory_context.xl_new.setdefault(layer, (key[:, :, -tokens:].detach(), value[:, :, -tokens:].detach()))
             if memory_context.xl.length:
                 key, value, attention_mask = memory_context.xl.extend(layer, key, value, attention_mask)
-        knn = memory_context.layers.get(layer)
+        knn = memory_context.knn.get(layer)
         if knn is None:
             return local(module, query, key, value, attention_mask, **kwargs)
         return knn(module, query, key, value, attention_mask, local, memory_context, **kwargs)
@@ -407,6 +397,16 @@ def _attention_geometry(model: nn.Module, layers: list[int]) -> tuple[int, int]:
     return found.pop()
 
 
+def _refuse_adapters(model: nn.Module) -> None:
+    """Refuse a base model that carries PEFT adapters: their weights would not survive `save_pretrained`."""
+    if hasattr(model, "peft_config") or any(type(m).__module__.startswith("peft.") for m in model.modules()):
+        raise ValueError(
+            "The base model carries PEFT adapters (e.g. LoRA). Convert the plain base model first and add adapters "
+            "to the memorizing model (peft.get_peft_model(memorizing_model, config)), or merge them into the base "
+            "weights first (merge_and_unload())."
+        )
+
+
 class MemorizingPreTrainedModel(WrapperPreTrainedModel):
     config_class = MemorizingConfig
     base_model_prefix = "language_model"
@@ -417,12 +417,13 @@ class MemorizingPreTrainedModel(WrapperPreTrainedModel):
             return False
         if module.combine == "gate":  # transformers' init helpers skip parameters loaded from a checkpoint
             constant_(module.gate_bias, self.config.gate_init)
-            constant_(module.memory_scale, self.config.memory_scale_init or math.sqrt(module.memory.head_dim))
+            constant_(module.memory_scale, self.config.memory_scale_init or math.sqrt(module.head_dim))
         return True
 
 
-class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin):
-    """A causal LM whose memory layers read and write an external kNN memory.
+class MemorizingModel(MemorizingPreTrainedModel):
+    """A decoder whose memory layers read and write an external kNN memory; returns the base decoder's hidden states
+    (what `AutoModel` loads). `MemorizingForCausalLM` adds the language-model head and generation.
 
     Usage:
         model = MemorizingForCausalLM.from_base_pretrained("path/to/llama", memory_layers=[-4], memory_size=8192)
@@ -446,21 +447,19 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
             if not self.language_model.get_submodule(self._rotary_embedding).inv_freq.is_meta:
                 self._rotary()  # an unknown layout is refused now, not at the first forward
         kv_heads, head_dim = _attention_geometry(language_model, config.memory_layers)
-        self.memory = MemoryBank(
-            layers=config.memory_layers,
-            capacity=config.memory_size,
-            num_heads=kv_heads,
-            head_dim=head_dim,
-            backend_factory=lambda: make_backend(config),
-            dtype=getattr(torch, config.memory_dtype) if config.memory_dtype else None,
-        )
-        self.xl_cache = XLCache(config.xl_sink_tokens)
         self.knn_attention = nn.ModuleDict(
-            {
-                str(i): KNNAttention(config, i, self.memory.layers[i], self._rotary_embedding is not None)
-                for i in config.memory_layers
-            }
+            {str(i): KNNAttention(config, i, kv_heads, head_dim) for i in config.memory_layers}
         )
+        self.memory_geometry = MemoryGeometry(
+            layers=tuple(config.memory_layers),
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            memory_size=config.memory_size,
+            combine=config.combine,
+            rotary_placement=config.rotary_placement if self._rotary_embedding is not None else "absolute",
+            base_model_type=config.text_config.model_type,
+        )
+        self.memory = self.new_memory()
         self.post_init()
 
     # -- construction from an existing model
@@ -470,7 +469,7 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
         model_or_path: PreTrainedModel | str | Path,
         base_model_kwargs: dict[str, Any] | None = None,
         **memory_kwargs: Any,
-    ) -> MemorizingForCausalLM:
+    ) -> MemorizingModel:
         """Turn a pretrained causal LM (a loaded model or a local folder / Hub id) into a memorizing one.
 
         The base weights are used as they are (no second load, no copy); `memory_kwargs` are `MemorizingConfig`
@@ -479,12 +478,13 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
         """
         if isinstance(model_or_path, (str, Path)):
             model_or_path = AutoModelForCausalLM.from_pretrained(str(model_or_path), **(base_model_kwargs or {}))
+        if isinstance(model_or_path, MemorizingModel):
+            raise TypeError("The model is already a memorizing model.")
         if not isinstance(model_or_path, PreTrainedModel):
             raise TypeError(
                 f"from_base_pretrained needs a PreTrainedModel or a path, got {type(model_or_path).__name__}."
             )
-        if isinstance(model_or_path, MemorizingForCausalLM):
-            raise TypeError("The model is already a MemorizingForCausalLM.")
+        _refuse_adapters(model_or_path)
         config = MemorizingConfig(text_config=model_or_path.config, **memory_kwargs)
         model = cls(config, language_model=model_or_path).to(model_or_path.device)
         if model_or_path.generation_config is not None:  # generate as the base model does (eos ids, sampling, ...)
@@ -494,13 +494,22 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | Path, *model_args: Any, memory_file: str | None = None, **kwargs: Any
-    ) -> MemorizingForCausalLM:
+    ) -> MemorizingModel:
         """`PreTrainedModel.from_pretrained`, plus `memory_file`: a memory file to load, by name beside the weights
-        (e.g. `"memory.safetensors"`, found in the same folder or Hub repo and revision) or as a path."""
+        (e.g. `"memory.safetensors"`, found in the same folder or Hub repo and revision) or as a path. Memory settings
+        given as keyword arguments (`memory_size=...`) go through the same validation as `MemorizingConfig`."""
+        config = kwargs.get("config")
+        overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in MemorizingConfig.memory_fields()}
+        if overrides:
+            if not isinstance(config, MemorizingConfig):
+                config, unused = MemorizingConfig.from_pretrained(
+                    pretrained_model_name_or_path, return_unused_kwargs=True, **_hub_kwargs(kwargs)
+                )
+            kwargs["config"] = config.with_memory_settings(**overrides)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         tie_weights_left_unloaded(model.language_model)
         if memory_file is not None:
-            model.load_memory(memory_file, **{name: kwargs[name] for name in _HUB_KWARGS if name in kwargs})
+            model.load_memory(memory_file, **_hub_kwargs(kwargs))
         return model
 
     # -- the usual accessors, delegated to the base model
@@ -519,27 +528,61 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
     def get_decoder(self) -> nn.Module:
         return self.language_model.get_decoder()
 
-    # -- memory management
-    def reset_memory(self, rows: torch.Tensor | list[int] | None = None) -> None:
-        """Clear the memory (and XL cache) of all rows, or of the given rows (indices or a boolean mask)."""
-        if rows is not None and not isinstance(rows, torch.Tensor):
-            rows = torch.as_tensor(rows, dtype=torch.long)
+    def set_attn_implementation(self, attn_implementation: str | dict) -> None:
+        """Choose the local attention (`"sdpa"` or `"eager"`): the memory layers stay attached. Other implementations
+        are refused (streaming and the XL cache pass explicit masks they do not take)."""
+        name = attn_implementation.get("", None) if isinstance(attn_implementation, dict) else attn_implementation
+        name = (name or "").removeprefix("memorizing_")
+        if name not in LOCAL_ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"A memorizing model runs its local attention with {' or '.join(LOCAL_ATTN_IMPLEMENTATIONS)}, not "
+                f"{attn_implementation!r}."
+            )
+        self.config.local_attn_implementation = name
+        self.language_model.set_attn_implementation(self.config.memory_attn_implementation)
+
+    def memory_module_names(self) -> list[str]:
+        """Names of the modules that hold the memory layers' own parameters (gates, scales): what a PEFT config lists
+        in `modules_to_save` to train them beside the adapters."""
+        return [f"knn_attention.{layer}" for layer in self.config.memory_layers]
+
+    # -- memory
+    def new_memory(self, memory_size: int | None = None) -> MemoryBank:
+        """An empty memory for this model (the layers, heads and placement of `model.memory`), holding
+        `memory_size` tokens per layer and row (default `config.memory_size`)."""
+        if memory_size is not None and (not isinstance(memory_size, int) or memory_size < self.config.memory_top_k):
+            raise ValueError(f"memory_size must be an integer >= memory_top_k ({self.config.memory_top_k}).")
+        geometry = replace(self.memory_geometry, memory_size=memory_size or self.config.memory_size)
+        dtype = getattr(torch, self.config.memory_dtype) if self.config.memory_dtype else None
+        backends = functools.partial(make_backend, self.config)
+        return MemoryBank(geometry, backends, dtype, self.config.xl_sink_tokens)
+
+    def new_cache(
+        self, window: int | None = None, memory: MemoryBank | None = None, per_prompt: int = 1
+    ) -> MemorizingCache:
+        """A streaming cache: `window` tokens of local attention (default `config.local_window`) besides the sinks,
+        and a memory for what leaves the window; it reads `memory` (default `model.memory`). `per_prompt`: sequences
+        per prompt (beams, `num_return_sequences`), which share the prompt's memory row."""
+        window = window or self.config.local_window
+        return MemorizingCache(window, self.config.sink_tokens, self.new_memory(), memory, per_prompt)
+
+    def reset_memory(self, rows: torch.Tensor | list[int] | list[bool] | None = None) -> None:
+        """Clear `model.memory` (kNN memory and XL cache): all rows, or the rows given as indices or a bool mask."""
         self.memory.reset(rows)
-        self.xl_cache.reset(rows)
 
     def save_memory(self, path: str | Path) -> None:
-        """Write the memory and XL cache to a safetensors file (with metadata describing the memory geometry)."""
-        self.memory.save(path, self._memory_geometry(), extra=self.xl_cache.state_tensors())
+        """Write `model.memory` to a safetensors file (with metadata describing the memory geometry)."""
+        self.memory.save(path)
 
     def load_memory(self, path: str | Path, **hub_kwargs: Any) -> None:
-        """Load a memory file written by `save_memory`; a file for another geometry raises and changes nothing.
+        """Load a memory file written by `save_memory` into `model.memory`; a file that does not fit raises and
+        changes nothing.
 
         `path` is a file path or, if no such file exists, the name of a file beside the weights: relative to the
-        folder or Hub repo the model was loaded from (`model.name_or_path`), found like the weights (`hub_kwargs`:
-        revision, token, cache_dir, ... as for `from_pretrained`).
+        folder the model was loaded from, or to its Hub repo (`hub_kwargs`: revision, token, cache_dir, ... as for
+        `from_pretrained`) when it was loaded from the Hub.
         """
-        path = self._memory_file(path, **hub_kwargs)
-        self.xl_cache.load_state_tensors(self.memory.load(path, self._memory_geometry(), device=self.device))
+        self.memory.load(self._memory_file(path, **hub_kwargs), device=self.device, dtype=self.dtype)
 
     def _memory_file(self, path: str | Path, **hub_kwargs: Any) -> Path:
         """`path` if it is a file, else the file of that name beside the weights (downloaded if in a Hub repo)."""
@@ -553,17 +596,18 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
             )
         return Path(found)
 
-    def _memory_geometry(self) -> dict[str, Any]:
-        """What a memory file must match to be read by this model."""
-        return {
-            "layers": self.config.memory_layers,
-            "num_kv_heads": self.memory.num_heads,
-            "head_dim": self.memory.head_dim,
-            "memory_size": self.config.memory_size,
-            "combine": self.config.combine,
-            "rotary_placement": next(iter(self.knn_attention.values())).rotary_placement,
-            "base_model_type": self.config.text_config.model_type,
-        }
+    def save_pretrained(self, save_directory: str | Path, *args: Any, save_memory: bool = False, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`; `save_memory=True` also writes `model.memory` beside the weights
+        (`memory.safetensors`, loaded with `from_pretrained(..., memory_file="memory.safetensors")`). A filled memory
+        that is not saved is named in a warning: it is not part of the weights."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if save_memory:
+            self.save_memory(Path(save_directory) / MEMORY_FILE_NAME)
+        elif not self.memory.is_empty():
+            logger.warning(
+                f"save_pretrained: the model's memory ({self.memory.entries()} entries per layer and row) is not part "
+                f"of the checkpoint. Pass save_memory=True to write it beside the weights ({MEMORY_FILE_NAME})."
+            )
 
     # -- forward
     def forward(
@@ -574,8 +618,9 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
         cache: Any = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
+        memory: MemoryBank | None = None,
         memory_reset: torch.Tensor | None = None,
-        update_memory: bool = True,
+        update_memory: bool | None = None,
         output_memory_stats: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
@@ -583,56 +628,134 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
         r"""
         The base model's forward, plus:
 
+        memory (`MemoryBank`, *optional*):
+            The memory this call reads and writes; defaults to the memory of the `cache` (a `MemorizingCache`), else
+            `model.memory`.
         memory_reset (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
-            Rows whose memory is cleared before reading: a new document starts in that row.
-        update_memory (`bool`, *optional*, defaults to `True`):
-            Write this segment's keys and values to memory after reading. `False` reads without writing.
+            Rows whose memory is cleared before reading: a new document starts in that row. Giving it says that the
+            batch is the next segment of each row's document: the call then writes its tokens to memory.
+        update_memory (`bool`, *optional*):
+            Write this segment's keys and values to memory after reading. Defaults to whether `memory_reset` is given:
+            a plain call (an evaluation harness, a pipeline) reads the memory and changes nothing.
         output_memory_stats (`bool`, *optional*):
             Add `memory_stats` to the output: entries per row, and per-head gate values (gate mode) or the share of
             attention that goes to memory (joint mode), per memory layer.
 
-        With `cache` a `MemorizingCache` (as `generate` and `memorize` use), the input is streamed through a bounded
-        local window instead, and what leaves the window is written to memory. The cache is also accepted under its
-        name before transformers 5.24, `past_key_values`.
+        Rows: batch row b reads memory row b; a one-row memory is read by every row (read-only). With `cache` a
+        `MemorizingCache` (as `generate` and `memorize` use), the input is streamed through a bounded local window
+        instead, and what leaves the window goes to the cache's own memory. The cache is also accepted under its name
+        before transformers 5.24, `past_key_values`.
 
         Returns the base model's output (e.g. `CausalLMOutputWithPast`, with `loss` when `labels` are given).
         """
         cache = pop_cache(kwargs, cache)
+        if memory is None:
+            memory = cache.memory if isinstance(cache, MemorizingCache) and cache.memory is not None else self.memory
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
             raise ValueError("Pass input_ids or inputs_embeds.")
         batch, tokens = reference.shape[:2]
-        device = reference.device
+        self._check_inputs(memory, batch, tokens, attention_mask, labels)
         if memory_reset is not None:
-            memory_reset = torch.as_tensor(memory_reset, device=device)
+            memory_reset = torch.as_tensor(memory_reset, device=reference.device)
             if memory_reset.dtype != torch.bool or memory_reset.shape != (batch,):
                 raise ValueError(
                     f"memory_reset must be a bool tensor of shape ({batch},) (one flag per batch row), got "
                     f"{memory_reset.dtype} of shape {tuple(memory_reset.shape)}."
                 )
+        stats = {} if output_memory_stats else None
         if isinstance(cache, MemorizingCache):
             if labels is not None or memory_reset is not None:
                 raise ValueError(
                     "labels and memory_reset are for segment-by-segment reading, not with a MemorizingCache."
                 )
-            stats = {} if output_memory_stats else None
-            outputs = self._stream_forward(
-                input_ids,
-                inputs_embeds,
-                attention_mask,
-                cache,
-                update_memory,
-                stats,
-                logits_to_keep=logits_to_keep,
-                **kwargs,
+            outputs = self._read_streaming(
+                input_ids, inputs_embeds, attention_mask, cache, memory, stats, logits_to_keep, **kwargs
             )
-            return with_memory_stats(outputs, stats) if output_memory_stats else outputs
-        self.memory.check_batch_size(batch, reset=memory_reset)
-        self.xl_cache.check_batch_size(batch, reset=memory_reset)
+        else:
+            write = update_memory if update_memory is not None else memory_reset is not None
+            if self.training and labels is not None and not write:
+                logger.warning_once(
+                    "A memorizing model is training on batches without memory_reset flags: its memory is read but "
+                    "never written, and no memory is reset per document. Train with MemorizingTrainer on "
+                    "DocumentStreams (or pass memory_reset / update_memory=True yourself)."
+                )
+            outputs = self._read_segment(
+                input_ids, inputs_embeds, attention_mask, position_ids, cache, labels, memory, memory_reset, write,
+                stats, logits_to_keep, **kwargs,
+            )  # fmt: skip
+        return with_memory_stats(outputs, stats) if output_memory_stats else outputs
+
+    def _check_inputs(
+        self,
+        memory: MemoryBank,
+        batch: int,
+        tokens: int,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+    ) -> None:
+        """Refuse inputs that do not fit, before anything reads or writes memory."""
+        if not isinstance(memory, MemoryBank):
+            raise TypeError(f"memory must be a MemoryBank (model.new_memory()), got {type(memory).__name__}.")
+        if replace(memory.geometry, memory_size=self.memory_geometry.memory_size) != self.memory_geometry:
+            raise ValueError(f"This memory was made for another model ({memory.geometry}); use model.new_memory().")
+        if labels is not None and tuple(labels.shape[:2]) != (batch, tokens):
+            raise ValueError(f"labels have shape {tuple(labels.shape)} but the input is [{batch}, {tokens}].")
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] != batch:
+            raise ValueError(f"attention_mask has {attention_mask.shape[0]} rows but the input has {batch}.")
+
+    def _memory_group(self, memory: MemoryBank, batch: int, per_prompt: int = 1) -> int:
+        """Batch rows per memory row for a read-only call: each prompt's row (groups of `per_prompt` sequences), or
+        the single row of a one-row memory for every prompt; anything else is ambiguous and refused."""
+        rows = memory.num_rows
+        if rows == 0 or memory.is_empty():
+            return 1
+        if rows * per_prompt == batch:
+            return per_prompt
+        if rows == 1:
+            return batch
+        raise ValueError(
+            f"The memory holds {rows} rows (documents) but this call has {batch // per_prompt} prompts: give one "
+            "prompt per memory row, or read a one-row memory with any number of prompts (memory=...)."
+        )
+
+    def _context(self, memory: MemoryBank, group: int, positions: torch.Tensor, **fields: Any) -> MemoryContext:
+        return MemoryContext(
+            knn={int(i): module for i, module in self.knn_attention.items()},
+            memory=memory,
+            group=group,
+            positions=positions,
+            rotary=self._rotary(),
+            **fields,
+        )
+
+    def _read_segment(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.FloatTensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Any,
+        labels: torch.LongTensor | None,
+        memory: MemoryBank,
+        memory_reset: torch.Tensor | None,
+        write: bool,
+        stats: dict[str, Any] | None,
+        logits_to_keep: int | torch.Tensor,
+        **kwargs: Any,
+    ):
+        """Read one segment per batch row: retrieve, attend, and (if `write`) store it after reading."""
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch, tokens = reference.shape[:2]
+        device = reference.device
+        if write:
+            memory.check_batch_size(batch, reset=memory_reset)
+            group = 1
+        else:
+            group = self._memory_group(memory, batch)
         if memory_reset is not None:
-            self.memory.reset(memory_reset)
-            self.xl_cache.reset(memory_reset)
-        xl = self.xl_cache if self.config.xl_cache and cache is None else None
+            memory.reset(memory_reset)
+        xl = memory.xl if self.config.xl_cache and cache is None and group == 1 else None
         offset = xl.length if xl is not None else 0
         max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
         if offset and max_positions and offset + tokens > max_positions:
@@ -640,11 +763,7 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
                 f"The XL cache ({offset} tokens) plus this segment ({tokens}) exceed the base model's "
                 f"{max_positions} positions: use segments of at most {max_positions // 2} tokens with xl_cache=True."
             )
-
-        if attention_mask is not None and attention_mask.dim() == 2:
-            real = attention_mask[:, -tokens:].bool()
-        else:
-            real = torch.ones(batch, tokens, dtype=torch.bool, device=device)
+        real = _real_tokens(attention_mask, batch, tokens, device)
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             if attention_mask is not None and attention_mask.dim() == 2:
@@ -652,62 +771,113 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
             else:
                 position_ids = torch.arange(past, past + tokens, device=device).expand(batch, -1)
         position_ids = position_ids + offset  # the previous segment (XL cache) occupies positions [0, offset)
-        store = self._storable(input_ids, real)
-        store[:, : self.config.sink_tokens] = False  # the segment's first tokens are attention sinks
-        window = real.sum(dim=1)
+        distance = real.sum(dim=1)
         if xl is not None and offset:
-            window = window + xl.valid.to(device).sum(dim=1)
+            distance = distance + xl.valid.to(device).sum(dim=1)
         if cache is not None:
-            window = window + cache.get_seq_length()
-        context = self._memory_context(
+            distance = distance + cache.get_seq_length()
+        context = self._context(
+            memory,
+            group,
             position_ids,
-            window,
-            self.memory.document_positions(real),
-            store,
-            write=update_memory,
-            stats={} if output_memory_stats else None,
+            overflow=None,
+            write=write,
+            distance=distance.unsqueeze(1),
+            doc_positions=memory.document_positions(real),
+            store=self._storable(input_ids, real, sinks=self.config.sink_tokens),
+            stats=stats,
             xl=xl.snapshot() if xl is not None else None,
         )
-        outputs = self.language_model(
+        outputs = self._run_base(
+            context,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             labels=labels,
-            memory_context=context,
-            **cache_kwargs(cache),
             logits_to_keep=logits_to_keep,
+            **cache_kwargs(cache),
             **kwargs,
         )
-        if update_memory:
-            self.memory.advance(real)
+        if write:
+            memory.advance(real)
             if xl is not None:
                 xl.advance(context.xl_new, real, offset, context.rotary)
-        return with_memory_stats(outputs, context.stats) if output_memory_stats else outputs
+        return outputs
 
-    def _memory_context(
+    def _read_streaming(
         self,
-        positions: torch.Tensor,
-        window: torch.Tensor,
-        doc_positions: torch.Tensor,
-        store: torch.Tensor,
-        write: bool,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.FloatTensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: MemorizingCache,
+        memory: MemoryBank,
         stats: dict[str, Any] | None,
-        xl: XLCache | None = None,
-        beams: int = 1,
-    ) -> MemoryContext:
-        return MemoryContext(
-            layers={int(i): module for i, module in self.knn_attention.items()},
-            positions=positions,
-            window=window,
-            rotary=self._rotary(),
-            doc_positions=doc_positions,
-            store=store,
-            write=write,
-            stats=stats,
-            xl=xl,
-            beams=beams,
-        )
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ):
+        """Read the new tokens in chunks of at most `cache.window`, reading `memory` and the cache's overflow memory;
+        what leaves the window goes to the overflow memory."""
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch, tokens = reference.shape[:2]
+        real = _real_tokens(attention_mask, batch, tokens, reference.device)
+        if cache.sink_columns is None:
+            cache.start(real)
+        group = self._memory_group(memory, batch, cache.per_prompt)
+        kwargs.pop("cache_position", None)  # logical positions of the full sequence: the cache is physical
+        kwargs.pop("use_cache", None)
+        outputs, logits = None, []
+        chunks = range(0, tokens, cache.window)
+        quiet = len(chunks) < PROGRESS_CHUNKS
+        for start in logging.tqdm(chunks, desc="reading", unit="window", disable=quiet, leave=False):
+            end = min(start + cache.window, tokens)
+            chunk_real = real[:, start:end]
+            chunk_ids = input_ids[:, start:end] if input_ids is not None else None
+            positions = cache.next_positions(chunk_real)
+            self._check_positions(positions)
+            store = self._storable(chunk_ids, chunk_real, sinks=0)
+            doc_positions = cache.overflow.document_positions(chunk_real)
+            cached = cache.columns["real"].sum(dim=1, keepdim=True) if cache.columns else 0
+            distance = cached + chunk_real.long().cumsum(dim=1)  # per token: how the input is chunked does not matter
+            context = self._context(
+                memory,
+                group,
+                positions,
+                overflow=cache.overflow,
+                write=False,
+                distance=distance,
+                doc_positions=doc_positions,
+                store=store,
+                stats=stats,
+            )
+            outputs = self._run_base(
+                context,
+                input_ids=chunk_ids,
+                inputs_embeds=inputs_embeds[:, start:end] if inputs_embeds is not None else None,
+                attention_mask=cache.attention_mask(chunk_real),
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=logits_to_keep if end == tokens else 1,
+                **cache_kwargs(cache),
+                **kwargs,
+            )
+            cache.append(real=chunk_real, storable=store, doc_positions=doc_positions, positions=positions)
+            cache.overflow.advance(chunk_real)
+            cache.evict(cache.excess(), context.rotary)
+            logits.append(outputs.logits if hasattr(outputs, "logits") else outputs.last_hidden_state)
+        if isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            if hasattr(outputs, "logits"):
+                outputs.logits = torch.cat(logits, dim=1)
+            else:
+                outputs.last_hidden_state = torch.cat(logits, dim=1)
+        set_output_cache(outputs, cache)
+        return outputs
+
+    def _run_base(self, context: MemoryContext, **inputs: Any):
+        """Run the base decoder (no language-model head) with the memory context."""
+        inputs.pop("labels", None)
+        inputs.pop("logits_to_keep", None)
+        return self.language_model.get_decoder()(memory_context=context, **inputs)
 
     def _rotary(self) -> Rotary | None:
         """The base model's rotary embedding (None without one), re-read when its frequencies change (loading,
@@ -719,13 +889,43 @@ class MemorizingForCausalLM(MemorizingPreTrainedModel, MemorizingGenerationMixin
             self._rotary_cache = Rotary.of(embedding)
         return self._rotary_cache
 
-    def _storable(self, input_ids: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:
-        """Tokens that may be written to memory: real (not padding) and not a never-stored id such as BOS."""
+    def _storable(self, input_ids: torch.Tensor | None, real: torch.Tensor, sinks: int) -> torch.Tensor:
+        """Tokens that may be written to memory: real (not padding), not a never-stored id such as BOS, and not one of
+        the segment's first `sinks` tokens (attention sinks)."""
         store = real.clone()
         if input_ids is not None and self.config.never_store_token_ids:
             never = torch.as_tensor(self.config.never_store_token_ids, device=input_ids.device)
             store &= ~torch.isin(input_ids, never)
+        store[:, :sinks] = False
         return store
+
+    def _check_positions(self, positions: torch.Tensor) -> None:
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        if limit is not None and int(positions.max()) >= limit:
+            raise ValueError(
+                f"Streaming needs position {int(positions.max())} but the base model has {limit} positions. Use a "
+                f"smaller window (window + chunk must stay below {limit}); models without rotary embeddings cannot "
+                "stream beyond their positions."
+            )
+
+
+class MemorizingForCausalLM(MemorizingModel, MemorizingGenerationMixin):
+    """A causal LM whose memory layers read and write an external kNN memory (see `MemorizingModel`), with
+    `generate` and `memorize` (`generation.py`)."""
+
+    def _run_base(self, context: MemoryContext, **inputs: Any):
+        return self.language_model(memory_context=context, **inputs)
+
+
+def _real_tokens(attention_mask: torch.Tensor | None, batch: int, tokens: int, device: torch.device) -> torch.Tensor:
+    """`[batch, tokens]` bool: the new tokens that are not padding (from a 2D attention mask)."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return attention_mask[:, -tokens:].bool()
+    return torch.ones(batch, tokens, dtype=torch.bool, device=device)
+
+
+def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
 
 
 @functools.cache

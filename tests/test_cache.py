@@ -33,7 +33,7 @@ def test_xl_cache_equals_block_local_attention_over_the_whole_document(arch: str
     _silence_memory(model)
     segments = [token_ids(seed=seed) for seed in range(4)]
     with torch.no_grad():
-        logits = torch.cat([model(segment).logits for segment in segments], dim=1)
+        logits = torch.cat([model(segment, update_memory=True).logits for segment in segments], dim=1)
         expected = tiny_base(arch)(torch.cat(segments, dim=1), attention_mask=_xl_mask(4, 16, sinks)).logits
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
 
@@ -46,7 +46,7 @@ def test_xl_sink_tokens_do_not_see_the_previous_segment(token_ids) -> None:
         model = tiny_memorizing("llama", xl_cache=True, combine="gate", xl_sink_tokens=sinks)
         _silence_memory(model)
         with torch.no_grad():
-            model(first)
+            model(first, update_memory=True)
             outputs[sinks] = model(second).logits
     alone = tiny_base("llama")(second).logits
     torch.testing.assert_close(outputs[1][:, 0], alone[:, 0], atol=1e-5, rtol=1e-4)
@@ -59,7 +59,7 @@ def test_new_document_rows_do_not_see_the_previous_segment(token_ids) -> None:
     base = tiny_base("llama")
     first, second = token_ids(seed=1), token_ids(seed=2)
     with torch.no_grad():
-        model(first)
+        model(first, update_memory=True)
         logits = model(second, memory_reset=torch.tensor([True, False])).logits
         together = base(torch.cat([first, second], dim=1), attention_mask=_xl_mask(2, 16)).logits[:, -16:]
         # row 0 started a new document: it sees its own segment only (positions differ, rotary does not care)
@@ -75,7 +75,7 @@ def test_xl_cache_under_gradient_checkpointing_gives_the_same_gradients(token_id
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for seed in (1, 2, 3):
             ids = token_ids(seed=seed)
-            model(ids, labels=ids).loss.backward()
+            model(ids, labels=ids, memory_reset=torch.full((2,), seed == 1)).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
@@ -83,7 +83,7 @@ def test_xl_cache_under_gradient_checkpointing_gives_the_same_gradients(token_id
 
 def test_xl_cache_travels_in_memory_files(tmp_path, token_ids) -> None:
     model = tiny_memorizing("llama", xl_cache=True)
-    model(token_ids(seed=1))
+    model(token_ids(seed=1), update_memory=True)
     model.save_memory(tmp_path / "memory.safetensors")
     other = tiny_memorizing("llama", xl_cache=True)
     other.load_memory(tmp_path / "memory.safetensors")
@@ -92,6 +92,6 @@ def test_xl_cache_travels_in_memory_files(tmp_path, token_ids) -> None:
 
 def test_segments_longer_than_half_the_positions_are_refused_with_xl(token_ids) -> None:
     model = tiny_memorizing("llama", xl_cache=True)  # 256 positions
-    model(token_ids(length=200))
+    model(token_ids(length=200), update_memory=True)
     with pytest.raises(ValueError, match="exceed the base model's 256 positions"):
         model(token_ids(length=200))

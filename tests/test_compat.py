@@ -15,7 +15,6 @@ from torch import nn
 
 import memorizing_hf
 from memorizing_hf import _compat
-from memorizing_hf.cache import MemorizingCache
 
 from .conftest import tiny_memorizing
 
@@ -102,11 +101,11 @@ def test_forward_streams_with_the_cache_under_either_name(token_ids) -> None:
     logits = []
     for name in ("cache", "past_key_values"):
         model = tiny_memorizing("llama", combine="joint", local_window=8)
-        cache = MemorizingCache(8, model.config.sink_tokens)
+        cache = model.new_cache(8)
         logits.append(model(ids, **{name: cache}).logits)
-        assert cache.columns <= model.config.sink_tokens + 8 + cache.evict_every  # streamed: the window is bounded
-        assert not model.memory.is_empty()
+        assert cache.num_columns <= model.config.sink_tokens + 8 + cache.evict_every  # streamed: a bounded window
+        assert not cache.overflow.is_empty()
     torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
     model = tiny_memorizing("llama")
     with pytest.raises(ValueError, match="Pass the cache once"):
-        model(ids, cache=MemorizingCache(8, 1), past_key_values=MemorizingCache(8, 1))
+        model(ids, cache=model.new_cache(8), past_key_values=model.new_cache(8))

@@ -14,7 +14,6 @@ import transformers
 
 from memorizing_hf import MemorizingForCausalLM
 from memorizing_hf._compat import causal_lm_class, supports_attention_interface
-from memorizing_hf.cache import MemorizingCache
 
 from .conftest import TINY_CONFIGS, read_positions, stored_positions, tiny_base, tiny_memorizing
 
@@ -57,8 +56,8 @@ def test_filled_memory_changes_the_logits_and_a_reset_restores_them(arch: str, t
     with torch.no_grad():
         expected = base(second).logits
         model = MemorizingForCausalLM.from_base_pretrained(base, memory_layers=[1], memory_size=64, combine="joint")
-        model(first)
-        with_memory = model(second, update_memory=False).logits
+        model(first, update_memory=True)
+        with_memory = model(second).logits
         model.reset_memory()
         after_reset = model(second).logits
     assert (with_memory - expected).abs().max() > 1e-3
@@ -69,9 +68,9 @@ def test_filled_memory_changes_the_logits_and_a_reset_restores_them(arch: str, t
 def test_loss_and_backward_with_memory(arch: str, combine: str, token_ids) -> None:
     model = tiny_memorizing(arch, combine=combine).train()
     first, second = token_ids(seed=1), token_ids(seed=2)
-    model(first, labels=first)
+    model(first, labels=first, memory_reset=torch.ones(2, dtype=torch.bool))
     assert not model.memory.is_empty()
-    output = model(second, labels=second)
+    output = model(second, labels=second, memory_reset=torch.zeros(2, dtype=torch.bool))
     assert torch.isfinite(output.loss)
     output.loss.backward()
     grads = {name: param.grad for name, param in model.named_parameters()}
@@ -88,10 +87,10 @@ def test_generate_streams_a_long_prompt_through_a_bounded_cache(arch: str, token
     window = 8
     model = tiny_memorizing(arch, combine="joint", local_window=window, memory_size=256)
     prompt = token_ids(batch=1, length=5 * window, seed=3)
-    cache = MemorizingCache(window, model.config.sink_tokens)
+    cache = model.new_cache(window)
     columns, append = [], cache.append
-    cache.append = lambda *args: (append(*args), columns.append(cache.columns))
-    output = model.generate(prompt, cache=cache, max_new_tokens=4, do_sample=False)
+    cache.append = lambda **parts: (append(**parts), columns.append(cache.num_columns))
+    output = model.generate(prompt, cache=cache, max_new_tokens=4, do_sample=False, update_memory=True)
     assert max(columns) <= model.config.sink_tokens + window + cache.evict_every + window
     assert stored_positions(model) == read_positions(model, output[0])
 
@@ -100,9 +99,8 @@ def test_save_and_load_round_trip_of_model_and_memory(arch: str, tmp_path, token
     model = tiny_memorizing(arch, combine="gate")
     with torch.no_grad():
         model.knn_attention["1"].gate_bias.copy_(torch.linspace(-1.0, 2.0, model.knn_attention["1"].num_heads))
-    model(token_ids(seed=1))
-    model.save_pretrained(tmp_path)
-    model.save_memory(tmp_path / "memory.safetensors")
+    model(token_ids(seed=1), update_memory=True)
+    model.save_pretrained(tmp_path, save_memory=True)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, memory_file="memory.safetensors").eval()
     assert isinstance(loaded, MemorizingForCausalLM)
     assert loaded.config.local_attn_implementation == model.config.local_attn_implementation

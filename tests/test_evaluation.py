@@ -40,21 +40,22 @@ def test_no_memory_modes_match_a_manual_reference(mode: str, context: int) -> No
 
 
 @torch.no_grad()
-def test_memory_mode_reads_a_fresh_memory_and_leaves_it_empty_unless_kept() -> None:
+def test_memory_mode_reads_a_fresh_memory_unless_given_one() -> None:
     model = tiny_memorizing("llama", memory_size=256)
     ids = torch.randint(3, 96, (64,), generator=torch.Generator().manual_seed(0))
-    model(ids[:16].unsqueeze(0))  # leftovers of another document must not be read
+    model(ids[:16].unsqueeze(0), update_memory=True)  # another document in the model's memory must not be read
     with_memory = streaming_perplexity(model, ids, segment_length=16, progress=False)
     segment_only = streaming_perplexity(model, ids, segment_length=16, mode="segment", progress=False)
     base_only = streaming_perplexity(tiny_base("llama"), ids, segment_length=16, mode="segment", progress=False)
-    assert model.memory.is_empty()
+    assert model.memory.entries() == {1: [15]}  # untouched
     assert math.isclose(segment_only.nll, base_only.nll, rel_tol=1e-6)
     assert with_memory.tokens == segment_only.tokens == 3 * 15
 
-    kept = streaming_perplexity(model, ids, segment_length=16, progress=False, keep_memory=True)
+    memory = model.new_memory()
+    kept = streaming_perplexity(model, ids, segment_length=16, progress=False, memory=memory)
     assert kept.nll == with_memory.nll
     # every token of the 4 segments but each segment's first (an attention sink, never stored)
-    assert model.memory.entries() == {1: [4 * 15]}
+    assert memory.entries() == {1: [4 * 15]}
     assert with_memory.nll != segment_only.nll
 
 

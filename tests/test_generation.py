@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memorizing_hf.cache import MemorizingCache
+from memorizing_hf.memory import KNNMemory
 
 from .conftest import VOCAB, read_positions, stored_positions, tiny_base, tiny_memorizing
 
@@ -63,9 +63,9 @@ def test_every_token_generate_reads_is_stored_exactly_once(windows: int) -> None
     window = 8
     model = tiny_memorizing("llama", combine="joint", local_window=window, memory_size=1024)
     prompt = _ids(windows * window, seed=windows)
-    first = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    first = model.generate(prompt, max_new_tokens=6, do_sample=False, update_memory=True)
     assert stored_positions(model) == read_positions(model, first[0])
-    second = model.generate(_ids(window + 3, seed=100 + windows), max_new_tokens=3, do_sample=False)
+    second = model.generate(_ids(window + 3, seed=100 + windows), max_new_tokens=3, do_sample=False, update_memory=True)
     read_before = len(first[0]) - 1
     expected = read_positions(model, first[0]) + [read_before + p for p in read_positions(model, second[0])]
     assert stored_positions(model) == sorted(expected)
@@ -78,39 +78,38 @@ def test_transformers_chunked_prefill_reads_the_prompt_window_by_window_too() ->
     outputs = []
     for chunks in ({}, {"prefill_chunk_size": 16}):
         model = tiny_memorizing("llama", combine="joint", local_window=16, memory_size=1024)
-        outputs.append(model.generate(prompt, max_new_tokens=8, do_sample=False, **chunks))
+        outputs.append(model.generate(prompt, max_new_tokens=8, do_sample=False, update_memory=True, **chunks))
         assert stored_positions(model) == read_positions(model, outputs[-1][0])
     assert torch.equal(outputs[0], outputs[1])
 
 
-def _record_retrievals(model) -> list[torch.Tensor]:
-    """Patch the memory layer's search to record the document positions of every retrieved entry."""
-    memory = model.memory.layers[int(next(iter(model.knn_attention)))]
-    search, found = memory.search, []
+def _record_retrievals(monkeypatch) -> list[torch.Tensor]:
+    """Record the document positions of every entry any memory retrieves (the model's or a cache's)."""
+    search, found = KNNMemory.search, []
 
-    def recording(queries, k):
-        slots = search(queries, k)
+    def recording(memory, queries, k):
+        scores, slots = search(memory, queries, k)
         rows = torch.arange(slots.shape[0]).view(-1, 1, 1, 1).expand_as(slots)
         found.append(torch.where(slots >= 0, memory.positions[rows, slots.clamp(min=0)], -1))
-        return slots
+        return scores, slots
 
-    memory.search = recording
+    monkeypatch.setattr(KNNMemory, "search", recording)
     return found
 
 
-def test_a_second_generate_call_retrieves_what_the_first_one_read() -> None:
+def test_a_second_generate_call_retrieves_what_the_first_one_read(monkeypatch) -> None:
     model = tiny_memorizing("llama", combine="joint", local_window=64, memory_size=512)
-    first = model.generate(_ids(30, seed=8), max_new_tokens=10, do_sample=False)
+    first = model.generate(_ids(30, seed=8), max_new_tokens=10, do_sample=False, update_memory=True)
     read = first.shape[1] - 1 - model.config.sink_tokens  # the last token is never fed back; sinks are not stored
     assert model.memory.entries() == {1: [read]}
-    found = _record_retrievals(model)
+    found = _record_retrievals(monkeypatch)
     model.generate(_ids(12, seed=9), max_new_tokens=4, do_sample=False)
     positions = torch.cat([f.flatten() for f in found])
     assert found and (positions >= 0).any()
     assert positions[positions >= 0].max() < first.shape[1]  # every retrieved entry comes from the first call
 
 
-def test_a_prompt_twenty_windows_long_keeps_the_cache_bounded_and_finds_a_planted_token() -> None:
+def test_a_prompt_twenty_windows_long_keeps_the_cache_bounded_and_finds_a_planted_token(monkeypatch) -> None:
     window, planted = 16, 2
     model = tiny_memorizing(
         "llama", memory_layers=[0], combine="gate", rotary_placement="none", local_window=window, memory_size=1024
@@ -126,10 +125,11 @@ def test_a_prompt_twenty_windows_long_keeps_the_cache_bounded_and_finds_a_plante
     hook = attention.register_forward_hook(
         lambda module, args, kwargs, out: key_lengths.append(kwargs["attention_mask"].shape[-1]), with_kwargs=True
     )
-    found = _record_retrievals(model)
+    found = _record_retrievals(monkeypatch)
     model.generate(prompt, max_new_tokens=1, do_sample=False)
     hook.remove()
-    cache_bound = model.config.sink_tokens + window + MemorizingCache(window, 1).evict_every + window
+    assert model.memory.is_empty()  # the prompt was read through the cache's own memory; model.memory is untouched
+    cache_bound = model.config.sink_tokens + window + model.new_cache(window).evict_every + window
     assert max(key_lengths) <= cache_bound < prompt.shape[1]
     last_query_top1 = found[-1][0, :, -1, 0]  # best entry for the last prompt token, every kv head
     assert (last_query_top1 == 5).all()

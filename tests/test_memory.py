@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 
 import pytest
@@ -9,11 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memorizing_hf.memory import KNNMemory, MemoryBank
+from memorizing_hf.memory import KNNMemory, MemoryBank, MemoryGeometry
 from memorizing_hf.retrieval import ExactBackend
 
 HEADS, DIM = 2, 4
-GEOMETRY = {"layers": [0, 2], "num_kv_heads": HEADS, "head_dim": DIM, "memory_size": 8}
+GEOMETRY = MemoryGeometry(
+    layers=(0, 2), num_kv_heads=HEADS, head_dim=DIM, memory_size=8, combine="joint", rotary_placement="fixed"
+)
 
 
 def entries(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +76,7 @@ def test_fifo_matches_a_reference_queue(capacity: int, rows: int, operations: li
         # retrieval sees exactly the valid entries
         if length:
             query = torch.ones(memory.num_rows, HEADS, 1, DIM)
-            slots = memory.search(query, capacity)[r, 0, 0]
+            slots = memory.search(query, capacity)[1][r, 0, 0]
             found = sorted(int(memory.keys[r, 0, s, 0]) for s in slots if s >= 0)
             assert found == sorted(reference[r])
 
@@ -112,8 +115,8 @@ def test_memory_dtype_is_respected() -> None:
     assert memory.keys.dtype == torch.bfloat16
 
 
-def filled_bank(rows: int = 2, seed: int = 0) -> MemoryBank:
-    bank = MemoryBank([0, 2], capacity=8, num_heads=HEADS, head_dim=DIM, backend_factory=ExactBackend)
+def filled_bank(rows: int = 2, seed: int = 0, geometry: MemoryGeometry = GEOMETRY) -> MemoryBank:
+    bank = MemoryBank(geometry, backend_factory=ExactBackend)
     generator = torch.Generator().manual_seed(seed)
     for memory in bank.layers.values():
         keys = torch.randn(rows, HEADS, 11, DIM, generator=generator)
@@ -142,7 +145,7 @@ def test_batch_size_change_is_refused_and_changes_nothing() -> None:
     before = snapshot(bank)
     with pytest.raises(ValueError, match="holds entries for 2 batch rows but this batch has 3 rows"):
         bank.check_batch_size(3)
-    with pytest.raises(ValueError, match="reset_memory"):
+    with pytest.raises(ValueError, match="model.new_memory"):
         bank.check_batch_size(3, reset=torch.tensor([True, False, True]))
     assert_same(before, snapshot(bank))
     bank.check_batch_size(3, reset=torch.ones(3, dtype=torch.bool))  # every row starts a new document: allowed
@@ -164,26 +167,27 @@ def test_reset_of_one_row_leaves_the_others_intact() -> None:
 
 def test_memory_file_round_trip_is_exact(tmp_path) -> None:
     bank = filled_bank()
-    bank.save(tmp_path / "memory.safetensors", GEOMETRY)
-    other = MemoryBank([0, 2], capacity=8, num_heads=HEADS, head_dim=DIM, backend_factory=ExactBackend)
-    other.load(tmp_path / "memory.safetensors", GEOMETRY, device=torch.device("cpu"))
+    bank.save(tmp_path / "memory.safetensors")
+    other = bank.new()
+    other.load(tmp_path / "memory.safetensors")
     assert_same(snapshot(bank), snapshot(other))
     assert torch.equal(bank.tokens_seen, other.tokens_seen)
 
 
 def test_memory_file_for_another_geometry_is_refused_and_changes_nothing(tmp_path) -> None:
-    filled_bank(seed=1).save(tmp_path / "memory.safetensors", {**GEOMETRY, "head_dim": 8})
+    wide = dataclasses.replace(GEOMETRY, head_dim=8)
+    MemoryBank(wide, ExactBackend).save(tmp_path / "memory.safetensors")
     bank = filled_bank(seed=2)
     before = snapshot(bank)
     with pytest.raises(ValueError, match="different memory geometry.*head_dim: file has 8, model has 4"):
-        bank.load(tmp_path / "memory.safetensors", GEOMETRY, device=torch.device("cpu"))
+        bank.load(tmp_path / "memory.safetensors")
     assert_same(before, snapshot(bank))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "not_safetensors", "missing"])
 def test_damaged_memory_files_are_refused_and_change_nothing(tmp_path, damage: str) -> None:
     path = tmp_path / "memory.safetensors"
-    filled_bank(seed=1).save(path, GEOMETRY)
+    filled_bank(seed=1).save(path)
     data = path.read_bytes()
     if damage == "truncate":
         path.write_bytes(data[: len(data) // 2])
@@ -197,6 +201,6 @@ def test_damaged_memory_files_are_refused_and_change_nothing(tmp_path, damage: s
     bank = filled_bank(seed=2)
     before = snapshot(bank)
     with pytest.raises((ValueError, FileNotFoundError)) as error:
-        bank.load(path, GEOMETRY, device=torch.device("cpu"))
+        bank.load(path)
     assert str(path) in str(error.value)
     assert_same(before, snapshot(bank))

@@ -103,7 +103,7 @@ def test_exact_retrieval_equals_naive_full_attention_over_memory(combine: str, k
             model.knn_attention["1"].memory_scale.copy_(torch.tensor([3.0, 5.0, 8.0, 12.0]))
     first, second = token_ids(seed=1), token_ids(seed=2)
     expected = _naive_reference(model, 1, first, second)
-    model(first)
+    model(first, update_memory=True)
     actual = _attention_output(model, 1, second)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
 
@@ -115,15 +115,15 @@ def test_a_segment_never_retrieves_itself(token_ids) -> None:
     search = memory.search
 
     def recording_search(queries, k):
-        slots = search(queries, k)
+        scores, slots = search(queries, k)
         valid = slots >= 0
         rows = torch.arange(slots.shape[0]).view(-1, 1, 1, 1).expand_as(slots)
         seen.append((memory.positions[rows[valid], slots[valid]], model.memory.tokens_seen.clone()))
-        return slots
+        return scores, slots
 
     memory.search = recording_search
     for seed in range(4):
-        model(token_ids(seed=seed))
+        model(token_ids(seed=seed), memory_reset=torch.full((2,), seed == 0))
     assert len(seen) == 3  # the first segment found the memory empty
     for positions, tokens_read_before in seen:
         assert (positions < tokens_read_before.min()).all()
@@ -132,10 +132,10 @@ def test_a_segment_never_retrieves_itself(token_ids) -> None:
 def test_resetting_one_row_leaves_the_other_rows_intact(token_ids) -> None:
     first, second = token_ids(seed=1), token_ids(seed=2)
     model = tiny_memorizing("llama")
-    model(first)
+    model(first, update_memory=True)
     reset = model(second, memory_reset=torch.tensor([True, False])).logits
     fresh = tiny_memorizing("llama")
-    fresh(first)
+    fresh(first, update_memory=True)
     kept = fresh(second).logits
     alone = tiny_memorizing("llama")(second).logits
     torch.testing.assert_close(reset[1], kept[1])
@@ -145,7 +145,7 @@ def test_resetting_one_row_leaves_the_other_rows_intact(token_ids) -> None:
 
 def test_read_only_calls_leave_memory_unchanged(token_ids) -> None:
     model = tiny_memorizing("llama")
-    model(token_ids(seed=1))
+    model(token_ids(seed=1), update_memory=True)
     before = {name: t.clone() for name, t in model.memory.layers[1].state_tensors().items()}
     read_only = model(token_ids(seed=2), update_memory=False).logits
     for name, tensor in model.memory.layers[1].state_tensors().items():
@@ -155,10 +155,10 @@ def test_read_only_calls_leave_memory_unchanged(token_ids) -> None:
 
 def test_bad_batch_inputs_raise_and_leave_memory_unchanged(token_ids) -> None:
     model = tiny_memorizing("llama")
-    model(token_ids(seed=1))
+    model(token_ids(seed=1), update_memory=True)
     before = {name: t.clone() for name, t in model.memory.layers[1].state_tensors().items()}
     with pytest.raises(ValueError, match="holds entries for 2 batch rows but this batch has 3 rows"):
-        model(token_ids(batch=3))
+        model(token_ids(batch=3), update_memory=True)
     with pytest.raises(ValueError, match=r"memory_reset must be a bool tensor of shape \(2,\)"):
         model(token_ids(), memory_reset=torch.tensor([1, 0]))
     with pytest.raises(ValueError, match=r"memory_reset must be a bool tensor of shape \(2,\)"):
@@ -175,7 +175,7 @@ def test_padding_and_sinks_are_never_stored(token_ids) -> None:
     ids[0, 5] = model.config.text_config.bos_token_id
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding
-    model(ids, attention_mask=mask)
+    model(ids, attention_mask=mask, update_memory=True)
     memory = model.memory.layers[1]
     assert memory.lengths.tolist() == [16 - 2 - 1, 16 - 4 - 2 + 2]  # row 1: the two sinks were padding
     assert 5 not in memory.positions[0, :13].tolist()
@@ -190,7 +190,7 @@ def test_gradient_checkpointing_gives_the_same_loss_gradients_and_memory(combine
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for seed in (1, 2):
             ids = token_ids(seed=seed)
-            loss = model(ids, labels=ids).loss
+            loss = model(ids, labels=ids, memory_reset=torch.full((2,), seed == 1)).loss
             loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss.detach(), grads, model.memory.entries()))
@@ -204,19 +204,19 @@ def test_gradient_checkpointing_gives_the_same_loss_gradients_and_memory(combine
 
 def test_memory_stats(token_ids) -> None:
     model = tiny_memorizing("llama", combine="gate")
-    model(token_ids(seed=1))
-    stats = model(token_ids(seed=2), output_memory_stats=True).memory_stats
+    model(token_ids(seed=1), update_memory=True)
+    stats = model(token_ids(seed=2), output_memory_stats=True, update_memory=True).memory_stats
     assert stats["entries"] == {1: [30, 30]}
     assert stats["gate"][1] == pytest.approx([0.5] * 4)
     joint = tiny_memorizing("llama", combine="joint")
-    joint(token_ids(seed=1))
+    joint(token_ids(seed=1), update_memory=True)
     share = joint(token_ids(seed=2), output_memory_stats=True).memory_stats["memory_share"][1]
     assert len(share) == 4 and all(0 < s < 1 for s in share)
 
 
 def test_bfloat16_model_runs(token_ids) -> None:
     model = tiny_memorizing("llama").to(torch.bfloat16)
-    model(token_ids(seed=1))
+    model(token_ids(seed=1), update_memory=True)
     out = model(token_ids(seed=2), labels=token_ids(seed=2))
     assert torch.isfinite(out.loss)
     assert model.memory.layers[1].keys.dtype == torch.bfloat16
@@ -230,7 +230,7 @@ def test_from_base_pretrained_reuses_the_weights(tmp_path) -> None:
     from_folder = MemorizingForCausalLM.from_base_pretrained(tmp_path, memory_layers=[-1])
     for (name, a), (_, b) in zip(base.state_dict().items(), from_folder.language_model.state_dict().items()):
         assert torch.equal(a, b), name
-    with pytest.raises(TypeError, match="already a MemorizingForCausalLM"):
+    with pytest.raises(TypeError, match="already a memorizing model"):
         MemorizingForCausalLM.from_base_pretrained(model)
 
 
@@ -266,7 +266,7 @@ def test_save_and_load_round_trip_model_and_memory(tmp_path, token_ids) -> None:
     model = tiny_memorizing("gpt_neox", combine="gate")
     with torch.no_grad():
         model.knn_attention["1"].gate_bias.copy_(torch.tensor([-1.0, 0.0, 1.0, 2.0]))
-    model(token_ids(seed=1))
+    model(token_ids(seed=1), update_memory=True)
     model.save_pretrained(tmp_path)
     model.save_memory(tmp_path / "memory.safetensors")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -282,10 +282,10 @@ def test_save_and_load_round_trip_model_and_memory(tmp_path, token_ids) -> None:
 
 def test_memory_file_of_another_model_is_refused(tmp_path, token_ids) -> None:
     other = tiny_memorizing("llama", memory_layers=[2])
-    other(token_ids(seed=1))
+    other(token_ids(seed=1), update_memory=True)
     other.save_memory(tmp_path / "memory.safetensors")
     model = tiny_memorizing("llama", memory_layers=[1])
-    model(token_ids(seed=2))
+    model(token_ids(seed=2), update_memory=True)
     before = {name: t.clone() for name, t in model.memory.layers[1].state_tensors().items()}
     with pytest.raises(ValueError, match=r"layers: file has \[2\], model has \[1\]"):
         model.load_memory(tmp_path / "memory.safetensors")
@@ -295,7 +295,7 @@ def test_memory_file_of_another_model_is_refused(tmp_path, token_ids) -> None:
 
 def test_a_memory_file_loads_by_name_beside_the_weights(tmp_path, token_ids, monkeypatch) -> None:
     model = tiny_memorizing("llama")
-    model(token_ids(seed=1))
+    model(token_ids(seed=1), update_memory=True)
     model.save_pretrained(tmp_path / "checkpoint")
     model.save_memory(tmp_path / "checkpoint" / "memory.safetensors")
     monkeypatch.chdir(tmp_path)  # no memory.safetensors in the working directory
@@ -332,7 +332,7 @@ def test_saved_folder_loads_with_trust_remote_code_without_the_package(tmp_path,
     import sys
 
     model = tiny_memorizing("qwen2")
-    model(token_ids(seed=1))
+    model(token_ids(seed=1), update_memory=True)
     folder = tmp_path / "checkpoint"
     model.save_pretrained(folder)
     model.save_memory(folder / "memory.safetensors")
@@ -366,7 +366,7 @@ def test_faiss_flat_backend_gives_the_exact_backends_output(combine: str, token_
 
 def test_after_reset_memory_any_batch_size_may_follow(token_ids) -> None:
     model = tiny_memorizing("llama", xl_cache=True)
-    model(token_ids(batch=2))
+    model(token_ids(batch=2), update_memory=True)
     model.reset_memory()
     model(token_ids(batch=1), memory_reset=torch.tensor([True]))
     model(token_ids(batch=3, seed=2), memory_reset=torch.ones(3, dtype=torch.bool))
@@ -374,7 +374,18 @@ def test_after_reset_memory_any_batch_size_may_follow(token_ids) -> None:
 
 
 def test_memory_stats_are_a_real_output_field(token_ids) -> None:
-    output = tiny_memorizing("gpt2")(token_ids(), output_memory_stats=True)
+    output = tiny_memorizing("gpt2")(token_ids(), output_memory_stats=True, update_memory=True)
     assert isinstance(output, transformers.modeling_outputs.CausalLMOutputWithCrossAttentions)
     rebuilt = type(output)(**dict(output))  # what DistributedDataParallel does with outputs
     assert rebuilt.memory_stats == output.memory_stats == {"entries": {1: [15, 15]}}
+
+
+def test_several_memory_layers_each_read_only_what_earlier_segments_wrote(token_ids) -> None:
+    """Layer 0 writing a segment must not make layer 2 of the same call search its still empty memory."""
+    model = tiny_memorizing("llama", memory_layers=[0, 2], combine="joint")
+    first, second = token_ids(seed=1), token_ids(seed=2)
+    with torch.no_grad():
+        alone = model(first).logits
+        torch.testing.assert_close(model(first, memory_reset=torch.ones(2, dtype=torch.bool)).logits, alone)
+        assert model.memory.entries() == {0: [15, 15], 2: [15, 15]}
+        assert not torch.allclose(model(second).logits, tiny_base("llama")(second).logits, atol=1e-4)
