@@ -52,8 +52,8 @@ from ._compat import (
 from .cache import MemorizingCache, XLCache
 from .configuration_memorizing import LOCAL_ATTN_IMPLEMENTATIONS, MemorizingConfig
 from .generation import MemorizingGenerationMixin
-from .memory import MemoryBank, MemoryGeometry
-from .retrieval import make_backend
+from .memory import MemoryBank, MemoryGeometry, RetrievalBackend
+from .retrieval import ExactBackend
 from .rotary import Rotary
 
 logger = logging.get_logger(__name__)
@@ -343,12 +343,13 @@ def _eager_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float,
+    scaling: float | None = None,
     dropout: float = 0.0,
     softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain softmax attention with grouped-query support (what transformers' model files call eager attention)."""
+    scaling = attention_scaling(module, scaling, query.shape[-1])
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
@@ -915,6 +916,16 @@ class MemorizingForCausalLM(MemorizingModel, MemorizingGenerationMixin):
 
     def _run_base(self, context: MemoryContext, **inputs: Any):
         return self.language_model(memory_context=context, **inputs)
+
+
+def make_backend(config: MemorizingConfig) -> RetrievalBackend:
+    """The retrieval backend `config.retrieval` names (optional backends are imported only when chosen). Backends are
+    imported here, by the modeling file, because remote code of transformers 5.3 copies only its direct imports."""
+    if config.retrieval == "faiss":
+        from .retrieval_faiss import FaissBackend
+
+        return FaissBackend(index_kind=config.faiss_index, nprobe=config.faiss_nprobe)
+    return ExactBackend()
 
 
 def _real_tokens(attention_mask: torch.Tensor | None, batch: int, tokens: int, device: torch.device) -> torch.Tensor:

@@ -40,7 +40,6 @@ This file is also shipped as Hugging Face remote code: it imports only torch and
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import torch
 
@@ -418,13 +417,3 @@ class ExactBackend:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k slots `(scores, indices)`, both `[R, H, M, k]`, of `queries [R, H, M, D]` in `keys [R, H, C, D]`."""
         return exact_topk(queries, keys, lengths, k)
-
-
-def make_backend(config: Any) -> Any:
-    """The retrieval backend a `MemorizingConfig` asks for (`retrieval`, with its settings); optional backends are
-    imported only when chosen."""
-    if config.retrieval == "faiss":
-        from .retrieval_faiss import FaissBackend
-
-        return FaissBackend(index_kind=config.faiss_index, nprobe=config.faiss_nprobe)
-    return ExactBackend()

@@ -79,9 +79,10 @@ def test_assisted_and_prompt_lookup_decoding_give_greedy_decoding_with_a_filled_
     no eviction falls inside a verification step: the window moves in blocks of `evict_every` tokens.)"""
     model = _reading(arch, local_window=64)
     prompt = _ids(40, seed=2)
-    greedy = model.generate(prompt, max_new_tokens=12, do_sample=False)
-    assisted = model.generate(prompt, max_new_tokens=12, do_sample=False, assistant_model=tiny_base(arch, seed=3))
-    lookup = model.generate(prompt, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3)
+    settings = {"max_new_tokens": 12, "do_sample": False, "eos_token_id": 2}  # transformers 5.3 needs an eos id
+    greedy = model.generate(prompt, **settings)
+    assisted = model.generate(prompt, assistant_model=tiny_base(arch, seed=3), **settings)
+    lookup = model.generate(prompt, prompt_lookup_num_tokens=3, **settings)
     assert torch.equal(assisted, greedy) and torch.equal(lookup, greedy)
 
 
