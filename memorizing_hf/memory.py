@@ -18,6 +18,7 @@ This file is also shipped as Hugging Face remote code: it imports only torch, sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -482,10 +483,12 @@ class MemoryBank:
         from safetensors.torch import save_file
 
         tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in self._tensors().items()}
+        geometry = json.dumps(self.geometry.as_metadata(), sort_keys=True)
         metadata = {
             "format": MEMORY_FILE_FORMAT,
             "version": MEMORY_FILE_VERSION,
-            "geometry": json.dumps(self.geometry.as_metadata(), sort_keys=True),
+            "geometry": geometry,
+            "checksum": _checksum(geometry, tensors),
         }
         save_file(tensors, str(path), metadata=metadata)
 
@@ -515,6 +518,9 @@ class MemoryBank:
             stored = json.loads(metadata.get("geometry", ""))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} has unreadable geometry metadata (corrupted file?).") from error
+        checksum = metadata.get("checksum")  # files written before checksums were added have none
+        if checksum is not None and checksum != _checksum(metadata.get("geometry", ""), tensors):
+            raise ValueError(f"{path} does not match its checksum (corrupted file?). Memory left unchanged.")
         checked = self._checked(str(path), stored, tensors, dtype)
         self._replace({name: tensor.to(device) if device is not None else tensor for name, tensor in checked.items()})
 
@@ -626,3 +632,13 @@ class MemoryBank:
             memory.load_state_tensors({n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)})
         self.tokens_seen = tensors.get("tokens_seen")
         self.xl.load_state_tensors({n[len("extra.") :]: t for n, t in tensors.items() if n.startswith("extra.")})
+
+
+def _checksum(geometry: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a memory file's geometry and tensors (names, dtypes, shapes and bytes), to detect damaged files."""
+    digest = hashlib.sha256(geometry.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

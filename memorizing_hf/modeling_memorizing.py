@@ -586,15 +586,26 @@ class MemorizingModel(MemorizingPreTrainedModel):
         self.memory.load(self._memory_file(path, **hub_kwargs), device=self.device, dtype=self.dtype)
 
     def _memory_file(self, path: str | Path, **hub_kwargs: Any) -> Path:
-        """`path` if it is a file, else the file of that name beside the weights (downloaded if in a Hub repo)."""
+        """Where the memory file `path` is: a file here; else, for a bare file name, the file of that name beside the
+        weights — in the local folder they came from, or in their Hub repo (and revision) when they came from the Hub,
+        which is said in the log. Nothing else is ever looked up remotely."""
         path = Path(path)
-        if path.is_file() or path.is_absolute() or not self.name_or_path:
+        if path.is_file():
             return path
-        found = cached_file(self.name_or_path, path.as_posix(), **hub_kwargs)
+        source = str(self.name_or_path or "")
+        if path.is_absolute() or len(path.parts) != 1 or not source:
+            raise FileNotFoundError(f"No memory file at {path}.")
+        if Path(source).is_dir():
+            beside = Path(source) / path
+            if not beside.is_file():
+                raise FileNotFoundError(
+                    f"No memory file {str(path)!r}: not a file here, nor beside the weights in {source}."
+                )
+            return beside
+        logger.info(f"Memory file {path.name!r}: looking beside the weights in the Hub repo {source!r}.")
+        found = cached_file(source, path.name, **hub_kwargs)
         if found is None:
-            raise FileNotFoundError(
-                f"No memory file {str(path)!r}: not a file here, nor beside the weights in {self.name_or_path!r}."
-            )
+            raise FileNotFoundError(f"No memory file {str(path)!r}: not a file here, nor in the Hub repo {source!r}.")
         return Path(found)
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, save_memory: bool = False, **kwargs: Any) -> None:
