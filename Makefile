@@ -11,20 +11,20 @@ TRANSFORMERS_OLDEST ?= transformers==5.3.0
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q $(TORCH)
-	$(VENV)/bin/python -m pip install -q -e ".[test,demo,plot]"
+	$(VENV)/bin/python -m pip install -q -e ".[test,experiments]"
 	touch $@
 
 $(VENV_OLDEST)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV_OLDEST)
 	$(VENV_OLDEST)/bin/python -m pip install -q $(TORCH) "$(TRANSFORMERS_OLDEST)"
-	$(VENV_OLDEST)/bin/python -m pip install -q -e ".[test,demo,plot]" "$(TRANSFORMERS_OLDEST)"
+	$(VENV_OLDEST)/bin/python -m pip install -q -e ".[test,experiments]" "$(TRANSFORMERS_OLDEST)"
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/python -m memorizing_hf.demo
+	$(VENV)/bin/python -m memorizing_experiments.demo
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m ruff check memorizing_hf tests benchmarks training
+	$(VENV)/bin/python -m ruff check memorizing_hf memorizing_experiments tests benchmarks training
 	$(VENV)/bin/python -m pytest
 
 test-oldest: $(VENV_OLDEST)/.installed
@@ -39,7 +39,7 @@ smoke: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/python -m ruff check .
-	$(VENV)/bin/python -m ruff format --check memorizing_hf
+	$(VENV)/bin/python -m ruff format --check memorizing_hf memorizing_experiments
 
 # Benchmark-only extras: lucidrains' memorizing-transformers-pytorch 0.4.1 for the side-by-side comparison (its
 # metadata requires faiss-gpu, hence --no-deps and its real dependencies by hand), and faiss-cpu.

@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from memorizing_hf import MemorizingForCausalLM  # noqa: E402
-from memorizing_hf.sources import smollm2_path, stdlib_path  # noqa: E402
+from memorizing_experiments.sources import smollm2_path, stdlib_path
+from memorizing_hf import MemorizingForCausalLM
 
 SETTINGS = {"1 layer (21)": [21], "9 layers (16-24)": list(range(16, 25))}
 PROMPT_TOKENS, NEW_TOKENS = 64, 64

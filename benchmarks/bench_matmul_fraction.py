@@ -19,12 +19,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
-from real_keys import CHECKPOINTS, cache_file, real_keys  # noqa: E402
-
-from memorizing_hf.retrieval import exact_topk  # noqa: E402
+from memorizing_experiments.benchmarks import write_results
+from memorizing_experiments.real_keys import CHECKPOINTS, cache_file, real_keys
+from memorizing_hf.retrieval import exact_topk
 
 
 def main() -> None:

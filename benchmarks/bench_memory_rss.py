@@ -22,8 +22,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 HEADS, DIM, QUERIES, K, SEGMENT = 3, 64, 1536, 32, 512
 
 

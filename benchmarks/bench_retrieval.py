@@ -27,9 +27,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from memorizing_hf import retrieval  # noqa: E402
-from memorizing_hf.retrieval import exact_topk  # noqa: E402
+from memorizing_hf import retrieval
+from memorizing_hf.retrieval import exact_topk
 
 R, H, M, D = 1, 3, 9 // 3 * 512, 64
 

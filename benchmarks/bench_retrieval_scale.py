@@ -6,10 +6,10 @@ key/value head), k=32. For every memory size N (the first N keys; the queries re
 
 * exact: `memorizing_hf.retrieval.exact_topk` over the 3 heads at once (the default backend). Its top-32 is the
   reference for recall (checked against a plain fp32 matmul + topk: same scores).
-* faiss flat / IVF: `memorizing_hf.retrieval_faiss.FaissBackend` (one index per head; IVF: spherical k-means, nlist
-  about 2 sqrt(N), trained on at most 64 keys per list in 10 iterations), at several nprobe.
-* faiss HNSW: `IndexHNSWFlat` (inner product) per head at several efSearch, including lucidrains' setting (M=15,
-  efSearch 16). HNSW cannot remove entries, so it cannot serve a FIFO memory without rebuilds; shown for reference.
+* faiss flat / IVF / HNSW: `memorizing_hf.retrieval_faiss.FaissBackend` (one index per head; IVF and HNSW over the
+  MIPS -> L2 augmented keys; IVF: nlist about 2 sqrt(N), trained on at most 64 keys per list in 10 iterations), at
+  several nprobe and efSearch (efSearch below k is raised to k). Results written before the augmentation (faiss
+  1.15.1 runs of 2026-11-22) used spherical IVF and `IndexHNSWFlat` on inner product.
 
 Reported per method: median search latency (all 3 heads), recall@32 against exact (tied scores count as found; the
 plain id overlap as well), insert cost (fill, training, and the FIFO overwrite of one 512-token segment), bytes per
@@ -25,51 +25,19 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
-from real_keys import CHECKPOINTS, cache_file, real_keys  # noqa: E402
-
-from memorizing_hf.memory import KNNMemory  # noqa: E402
-from memorizing_hf.retrieval import ExactBackend, exact_topk  # noqa: E402
+from memorizing_experiments.benchmarks import ivf_nlist, median_time, recall, write_results
+from memorizing_experiments.real_keys import CHECKPOINTS, cache_file, real_keys
+from memorizing_hf.memory import KNNMemory
+from memorizing_hf.retrieval import ExactBackend, exact_topk
 
 K = 32
 SEGMENT = 512
-
-
-def median_time(fn, reps: int, warmup: int = 1) -> tuple[float, list[float], object]:
-    out = None
-    times = []
-    for i in range(warmup + reps):
-        start = time.perf_counter()
-        out = fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), times, out
-
-
-def recall(got: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, ref_scores: torch.Tensor,
-           ref_ids: torch.Tensor) -> dict:
-    """Recall@k of the ids `got` `[1, H, M, k]` against exact search (`ref_scores`, `ref_ids`, same shape).
-
-    `recall` counts a returned entry as found when its exact score reaches the k-th best score: real text repeats
-    itself (the standard library holds near-identical files), so many keys are exact duplicates and the k-th score
-    is often tied, and which of the tied ids a search returns is arbitrary. `recall_ids` is the plain share of
-    exact's own ids found, which counts such ties as misses."""
-    heads, dim = keys.shape[1], keys.shape[-1]
-    gathered = [keys[0, h][got[0, h].clamp(min=0).flatten()].view(*got.shape[2:], dim) for h in range(heads)]
-    found = torch.stack([torch.einsum("md,mkd->mk", queries[0, h], gathered[h]) for h in range(heads)])[None]
-    tolerance = 1e-5 * ref_scores.abs().amax(-1, keepdim=True)  # fp32 rounding of a score of this size
-    hit = (found >= ref_scores[..., -1:] - tolerance) & (got >= 0)
-    overlap = (got.unsqueeze(-1) == ref_ids.unsqueeze(-2)).any(-1)
-    return {"recall": float(hit.float().mean()), "recall_ids": float(overlap.float().mean())}
 
 
 def matmul_gflops(reps: int) -> dict:
@@ -79,10 +47,6 @@ def matmul_gflops(reps: int) -> dict:
         t, _, _ = median_time(lambda a=a, b=b: a @ b, reps)
         out[str(dtype).split(".")[1]] = 2 * 2048**3 / t / 1e9
     return out
-
-
-def ivf_nlist(n: int) -> int:
-    return 1 << max(int(2 * n**0.5).bit_length() - 1, 4)
 
 
 def storage_bytes_per_token(n: int, heads: int, dim: int) -> dict:
@@ -165,34 +129,25 @@ def measure(n: int, keys_all: torch.Tensor, queries: torch.Tensor, reps: int, np
         row["faiss_ivf"]["nprobe"][nprobe] = entry
         print(f"  n={n}: ivf nlist {nlist} nprobe {nprobe}: {t:.4f}s recall {entry['recall']:.4f}", flush=True)
 
-    # faiss HNSW (raw faiss: no removal, so no FIFO)
+    # faiss HNSW through the backend (MIPS -> L2 augmented keys; overwritten entries become tombstones)
     row["faiss_hnsw"] = {}
     for m_links in hnsw_m:
-        indexes = []
+        hnsw = FaissBackend("hnsw", hnsw_links=m_links)
         start = time.perf_counter()
-        for h in range(heads):
-            index = faiss.IndexHNSWFlat(dim, m_links, faiss.METRIC_INNER_PRODUCT)
-            index.add(keys[0, h].numpy())
-            indexes.append(index)
+        hnsw.search(q[:, :, :1], keys, lengths, K)  # builds every head's index from storage
         build = time.perf_counter() - start
-        q_np = [q[0, h].numpy() for h in range(heads)]
+        index_bytes = sum(len(faiss.serialize_index(ix.index)) for ix in hnsw._rows[0].indexes)
         entry = {"build_s": build, "build_us_per_entry": build / (n * heads) * 1e6,
-                 "index_bytes_per_token_per_head": sum(len(faiss.serialize_index(ix)) for ix in indexes) / (n * heads),
-                 "efSearch": {}}
+                 "index_bytes_per_token_per_head": index_bytes / (n * heads), "efSearch": {}}
         for ef in efs:
-            for index in indexes:
-                index.hnsw.efSearch = ef
-
-            def search(indexes=indexes, q_np=q_np):
-                return torch.stack([torch.from_numpy(ix.search(q_np[h], K)[1]) for h, ix in enumerate(indexes)])[None]
-
-            t, times, got = median_time(search, reps)
+            hnsw.ef_search = ef
+            t, times, (_, got) = median_time(lambda hnsw=hnsw: hnsw.search(q, keys, lengths, K), reps)
             entry["efSearch"][ef] = {"median_s": t, "times_s": times, **against_exact(got),
                                      "speedup_vs_exact": row["exact"]["median_s"] / t}
             print(f"  n={n}: hnsw M={m_links} ef {ef}: {t:.4f}s recall {entry['efSearch'][ef]['recall']:.4f}",
                   flush=True)
         row["faiss_hnsw"][m_links] = entry
-        del indexes
+        del hnsw
     return row
 
 

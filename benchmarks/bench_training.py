@@ -40,12 +40,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
-
-from memorizing_hf import MemorizingForCausalLM  # noqa: E402
-from memorizing_hf.retrieval import ExactBackend  # noqa: E402
+from memorizing_experiments.benchmarks import write_results
+from memorizing_hf import MemorizingForCausalLM
+from memorizing_hf.retrieval import ExactBackend
 
 BATCH, SEGMENT, TOP_K, VOCAB = 2, 512, 32, 20000
 TINY_MEMORY_LAYER = 3  # 0-based: the 4th of 6 layers, lucidrains' memorizing_layers=(4,)
@@ -140,7 +137,7 @@ def tiny_base() -> torch.nn.Module:
 def smollm2_base() -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from memorizing_hf.sources import smollm2_path
+    from memorizing_experiments.sources import smollm2_path
 
     return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).train()
 

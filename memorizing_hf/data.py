@@ -4,9 +4,10 @@ A memorizing model learns to use its memory only if every batch row reads one do
 segment, and its memory is cleared when a new document starts in that row (Wu et al. 2022, meliad). This file turns
 documents into such batches:
 
-1. `load_documents`: a named corpus of `sources` ("stdlib", "hol_light", "austen", "latex", "python_docs"), a folder or
-   a list of text files -> a `datasets.Dataset` with columns "name" and "text".
-2. `tokenize_documents`: `datasets.map(batched=True)` with a tokenizer -> column "input_ids".
+1. `load_documents`: a folder or a list of text files -> a `datasets.Dataset` with columns "name" and "text" (the
+   named corpora of our experiments are in `memorizing_experiments.corpora`).
+2. `tokenize_documents`: `datasets.map(batched=True)` with a tokenizer -> column "input_ids" (a `Dataset` or a
+   streaming `IterableDataset`).
 3. `DocumentStreams`: an `IterableDataset` of segments laid out as `batch_size` parallel streams per process, with a
    `memory_reset` flag on the first segment of every document; `collate_segments` stacks them into batches with labels.
 
@@ -27,8 +28,9 @@ process's model remembers only the documents of its own rows.
 
 from __future__ import annotations
 
+import gzip
 import heapq
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import datasets
@@ -36,55 +38,46 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from . import sources
 
-CORPORA: dict[str, Callable[[], dict[str, str]]] = {
-    "stdlib": lambda: _read_files(sources.stdlib_files()),
-    "hol_light": lambda: _read_files(sources.hol_light_files()),
-    "latex": lambda: _read_files(sources.latex_manual_files()),
-    "python_docs": lambda: _read_files(sources.python_doc_files()),
-    "austen": sources.austen_novels,
-}
-
-
-def _read_files(paths: Sequence[str | Path]) -> dict[str, str]:
-    return {str(path): sources.read_text(path) for path in paths}
+def read_text(path: str | Path) -> str:
+    """The text of a file, gunzipped if its name ends in `.gz`; UTF-8, or Latin-1 where that fails."""
+    path = Path(path)
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
 
 
 def load_documents(source: str | Path | Sequence[str | Path], pattern: str = "**/*") -> datasets.Dataset:
-    """Documents with columns "name" (file path or title) and "text".
-
-    Args:
-        source: a corpus name from `CORPORA` (fetched and cached by `memorizing_hf.sources`), a folder (its files
-            matching `pattern`, sorted) or a list of files. `.gz` files are decompressed.
-    """
-    if isinstance(source, str) and source in CORPORA:
-        texts = CORPORA[source]()
-    elif isinstance(source, (str, Path)):
+    """Documents with columns "name" (the file's path) and "text" (`read_text`): the files of a folder matching
+    `pattern`, sorted, or a list of files."""
+    if isinstance(source, (str, Path)):
         folder = Path(source).expanduser()
         if not folder.is_dir():
-            raise FileNotFoundError(f"{source!r} is neither a folder nor a corpus name ({', '.join(CORPORA)}).")
-        texts = _read_files(sorted(path for path in folder.glob(pattern) if path.is_file()))
-    else:
-        texts = _read_files(source)
-    return datasets.Dataset.from_dict({"name": list(texts), "text": list(texts.values())})
+            raise FileNotFoundError(f"No folder {str(source)!r} to read documents from.")
+        source = sorted(path for path in folder.glob(pattern) if path.is_file())
+    names = [str(path) for path in source]
+    return datasets.Dataset.from_dict({"name": names, "text": [read_text(name) for name in names]})
 
 
 def tokenize_documents(
-    documents: datasets.Dataset,
+    documents: datasets.Dataset | datasets.IterableDataset,
     tokenizer,
     text_column: str = "text",
     min_tokens: int = 0,
     max_tokens: int | None = None,
-) -> datasets.Dataset:
+) -> datasets.Dataset | datasets.IterableDataset:
     """Replace `text_column` by "input_ids" (the tokenizer's ids of the whole document, special tokens as the
-    tokenizer adds them), cut to the first `max_tokens`; documents with fewer than `min_tokens` are dropped."""
+    tokenizer adds them), cut to the first `max_tokens`; documents with fewer than `min_tokens` are dropped. A streaming
+    `IterableDataset` is tokenized lazily, as it is read."""
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         ids = tokenizer(batch[text_column], verbose=False)["input_ids"]
         return {"input_ids": [x[:max_tokens] for x in ids] if max_tokens is not None else ids}
 
-    tokenized = documents.map(tokenize, batched=True, remove_columns=[text_column], desc="tokenizing")
+    progress = {"desc": "tokenizing"} if isinstance(documents, datasets.Dataset) else {}  # streams have no progress bar
+    tokenized = documents.map(tokenize, batched=True, remove_columns=[text_column], **progress)
     if min_tokens > 0:
         tokenized = tokenized.filter(
             lambda ids: [len(x) >= min_tokens for x in ids], input_columns="input_ids", batched=True
@@ -100,8 +93,10 @@ class DocumentStreams(IterableDataset):
     `collate_segments` and a batch size of exactly `batch_size` (the Trainer's `per_device_*_batch_size`).
 
     Args:
-        documents: a `datasets.Dataset` with "input_ids" (and optionally "name", used in error messages), or a
-            sequence of token id sequences.
+        documents: a `datasets.Dataset` or a streaming `datasets.IterableDataset` with "input_ids" (and optionally
+            "name", used in error messages), or a sequence of token id sequences. Laying documents out in rows needs
+            the length of every document, so a stream is read once, whole, here and its token ids are kept in memory
+            (as they are for a `Dataset`): it must be finite.
         segment_length: tokens per segment (the model's local context).
         batch_size: parallel streams (batch rows) per process.
         num_processes: processes sharing the documents; defaults to `accelerate.PartialState().num_processes`.
@@ -112,7 +107,7 @@ class DocumentStreams(IterableDataset):
 
     def __init__(
         self,
-        documents: datasets.Dataset | Sequence[Sequence[int]],
+        documents: datasets.Dataset | datasets.IterableDataset | Sequence[Sequence[int]],
         segment_length: int,
         batch_size: int,
         num_processes: int | None = None,
@@ -131,12 +126,7 @@ class DocumentStreams(IterableDataset):
         self.shuffle, self.seed, self.pad_token_id = shuffle, seed, pad_token_id
         self.epoch = 0
 
-        if isinstance(documents, datasets.Dataset):
-            names = list(documents["name"]) if "name" in documents.column_names else None
-            token_lists = (row["input_ids"] for row in documents.with_format("numpy", columns=["input_ids"]))
-        else:
-            names, token_lists = None, documents
-        arrays = [np.asarray(tokens, dtype=np.int64).reshape(-1) for tokens in token_lists]
+        arrays, names = _token_arrays(documents)
         if not arrays:
             raise ValueError("The data set has no documents.")
         lengths = np.array([len(tokens) for tokens in arrays])
@@ -206,6 +196,32 @@ class DocumentStreams(IterableDataset):
         attention_mask = torch.zeros(self.segment_length, dtype=torch.long)
         attention_mask[: len(tokens)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "memory_reset": torch.tensor(reset)}
+
+
+def _token_arrays(documents: Iterable) -> tuple[list[np.ndarray], list[str] | None]:
+    """Every document's token ids (int64) and, where the documents have a "name", their names. Rows of a data set
+    (or of a stream) must have "input_ids": documents that are still text are refused with the fix."""
+    if isinstance(documents, datasets.Dataset):
+        _check_tokenized(documents.column_names)
+        names = list(documents["name"]) if "name" in documents.column_names else None
+        rows = documents.with_format("numpy", columns=["input_ids"])
+        return [np.asarray(row["input_ids"], dtype=np.int64).reshape(-1) for row in rows], names
+    arrays, names = [], []
+    for document in documents:
+        if isinstance(document, Mapping):  # a row of an IterableDataset
+            _check_tokenized(list(document))
+            names.append(document.get("name"))
+            document = document["input_ids"]
+        arrays.append(np.asarray(document, dtype=np.int64).reshape(-1))
+    return arrays, names if any(name is not None for name in names) else None
+
+
+def _check_tokenized(columns: list[str]) -> None:
+    if "input_ids" not in columns:
+        raise ValueError(
+            f'DocumentStreams reads token ids from an "input_ids" column; the documents have {columns}: tokenize '
+            "them first, e.g. tokenize_documents(documents, tokenizer)."
+        )
 
 
 def _segment_bounds(length: int, segment_length: int) -> list[int]:

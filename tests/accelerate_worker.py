@@ -1,5 +1,5 @@
-"""Run under `accelerate launch` by tests/test_train.py: trains a recipe with training/train.py and writes, for this
-process, the batches its model read, its parameters afterwards and its distributed backend
+"""Run under `accelerate launch` by tests/test_train.py: trains a recipe with memorizing_experiments.train and writes,
+for this process, the batches its model read, its parameters afterwards and its distributed backend
 (`<output_dir>/process_<index>.pt`)."""
 
 import sys
@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-import train  # noqa: E402
+from memorizing_experiments import train
 
 batches = []
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from memorizing_hf import corpora
-from memorizing_hf.corpora import LONG_DOCUMENT_CHARS, held_out_names, load_split, prepare_corpus
+from memorizing_experiments import corpora
+from memorizing_experiments.corpora import LONG_DOCUMENT_CHARS, held_out_names, load_split, prepare_corpus
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +61,13 @@ def test_a_saved_dataset_is_split_like_a_folder(tmp_path: Path) -> None:
     names = list(corpus["train"]["name"]) + list(corpus["held_out"]["name"])
     assert sorted(names) == [f"document-{i:06d}" for i in range(12)]
     assert len(corpus["held_out"]) == 2  # one of the two long ones, one of the ten short ones
+
+
+def test_a_source_that_is_no_corpus_and_no_folder_is_named_with_the_corpora(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"'stdib' is neither a folder nor a corpus name \(stdlib, hol_light"):
+        corpora.load_documents("stdib")
+    write_folder(tmp_path / "texts", count=2, long=0)
+    assert len(corpora.load_documents(tmp_path / "texts")) == 2
 
 
 def test_unknown_split_is_refused(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from accelerate.data_loader import IterableDatasetShard
 from torch.utils.data import DataLoader
 from transformers import ByT5Tokenizer, Trainer, TrainingArguments
 
-from memorizing_hf.data import DocumentStreams, collate_segments, load_documents, tokenize_documents
+from memorizing_hf.data import DocumentStreams, collate_segments, load_documents, read_text, tokenize_documents
 
 from .conftest import tiny_memorizing
 
@@ -153,8 +153,55 @@ def test_an_empty_document_is_named_in_the_error(tmp_path) -> None:
     tokenized = datasets.Dataset.from_dict({"name": ["full.txt", "empty.txt"], "input_ids": [[5, 6, 7], []]})
     with pytest.raises(ValueError, match=r"Document 1 \('empty\.txt'\) has 0 token.*min_tokens"):
         DocumentStreams(tokenized, SEGMENT, batch_size=1)
-    with pytest.raises(FileNotFoundError, match="neither a folder nor a corpus"):
+    with pytest.raises(FileNotFoundError, match="No folder '.*missing' to read documents from"):
         load_documents(tmp_path / "missing")
+
+
+def test_read_text_plain_gzip_and_latin1(tmp_path) -> None:
+    text = "\\section{Théorème}\nα + β = γ\n"
+    (tmp_path / "a.tex").write_text(text, encoding="utf-8")
+    (tmp_path / "a.tex.gz").write_bytes(gzip.compress(text.encode("utf-8")))
+    (tmp_path / "l.tex").write_bytes("Théorème\n".encode("latin-1"))
+    assert read_text(tmp_path / "a.tex") == text
+    assert read_text(tmp_path / "a.tex.gz") == text
+    assert read_text(tmp_path / "l.tex") == "Théorème\n"
+
+
+def _batches(streams: DocumentStreams) -> list[dict[str, torch.Tensor]]:
+    return list(DataLoader(streams, batch_size=streams.batch_size, collate_fn=collate_segments))
+
+
+def test_streaming_datasets_are_read_whole_and_laid_out_like_a_dataset() -> None:
+    """`Dataset.to_iterable_dataset()` (a streaming data set): the same batches as the data set itself, whether it
+    arrives tokenized or is tokenized lazily by `tokenize_documents`."""
+    docs = documents()
+    names = [f"doc_{index}.txt" for index in range(len(docs))]
+    tokenized = datasets.Dataset.from_dict({"name": names, "input_ids": docs})
+    expected = _batches(DocumentStreams(tokenized, SEGMENT, batch_size=2, shuffle=True, seed=1))
+    streamed = DocumentStreams(tokenized.to_iterable_dataset(), SEGMENT, batch_size=2, shuffle=True, seed=1)
+    assert streamed.num_documents == len(docs)
+    got = _batches(streamed)
+    assert len(got) == len(expected)
+    assert all(torch.equal(a[key], b[key]) for a, b in zip(got, expected) for key in a)
+
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    texts = datasets.Dataset.from_dict({"name": ["a", "b", "c"], "text": ["first text", "second, longer text", "x"]})
+    lazily = tokenize_documents(texts.to_iterable_dataset(), tokenizer, min_tokens=4)
+    in_memory = tokenize_documents(texts, tokenizer, min_tokens=4)
+    assert isinstance(lazily, datasets.IterableDataset)
+    from_stream, from_dataset = (DocumentStreams(d, SEGMENT, batch_size=1) for d in (lazily, in_memory))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(from_stream, from_dataset))
+
+    short = datasets.Dataset.from_dict({"name": ["full.txt", "one.txt"], "input_ids": [[5, 6, 7], [8]]})
+    with pytest.raises(ValueError, match=r"Document 1 \('one\.txt'\) has 1 token"):
+        DocumentStreams(short.to_iterable_dataset(), SEGMENT, batch_size=1)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_documents_that_are_still_text_are_refused_with_the_fix(streaming: bool) -> None:
+    texts = datasets.Dataset.from_dict({"name": ["a"], "text": ["not tokenized"]})
+    with pytest.raises(ValueError, match=r"\"input_ids\" column; the documents have \['name', 'text'\]: tokenize"):
+        DocumentStreams(texts.to_iterable_dataset() if streaming else texts, SEGMENT, batch_size=1)
 
 
 def test_dataloader_workers_are_refused() -> None:

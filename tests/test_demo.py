@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memorizing_hf.demo import definition_cuts
+from memorizing_experiments.demo import definition_cuts
 
 TEXT = '''import os
 

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from memorizing_hf.corpora import split_record
+from memorizing_experiments import evaluate
+from memorizing_experiments.corpora import split_record
 from memorizing_hf.evaluation import Setting, setting_perplexity
 
 from .conftest import tiny_base, tiny_memorizing, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "training"))
-import evaluate  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

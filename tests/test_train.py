@@ -1,4 +1,5 @@
-"""training/train.py: its recipes, their validation, a tiny run, and two processes under `accelerate launch`."""
+"""memorizing_experiments.train (training/train.py): its recipes, their validation, a tiny run, and two
+processes under `accelerate launch`."""
 
 from __future__ import annotations
 
@@ -15,14 +16,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from memorizing_experiments import evaluate, train
 from memorizing_hf import MemorizingForCausalLM
+from memorizing_hf.data import DocumentStreams, load_documents, tokenize_documents
 
 from .test_data import rebuild
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "training"))
-import evaluate  # noqa: E402
-import train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,8 +177,8 @@ def test_two_processes_under_accelerate_launch(tmp_path) -> None:
     """Two CPU processes (gloo): parameters stay identical, each process reads its own documents without a break and
     its memory holds exactly the keys and values of those documents, and the loss falls."""
     write_documents(tmp_path / "documents")
-    documents = train.tokenize_documents(train.load_documents(tmp_path / "documents"), train.load_tokenizer("bytes"))
-    streams = train.DocumentStreams(documents, 64, 2, num_processes=2, shuffle=True, seed=0)
+    documents = tokenize_documents(load_documents(tmp_path / "documents"), train.load_tokenizer("bytes"))
+    streams = DocumentStreams(documents, 64, 2, num_processes=2, shuffle=True, seed=0)
     steps = streams.steps_per_epoch  # one whole epoch
     recipe = tiny_recipe(tmp_path, training={"max_steps": steps, "save_steps": steps})
     launcher = Path(sys.executable).with_name("accelerate")

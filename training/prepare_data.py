@@ -4,8 +4,9 @@
     python training/prepare_data.py hol_light ./my_texts --output docs/results/splits.json
 
 Each source is a corpus name (stdlib, hol_light, austen, latex, python_docs), a folder of text files or a `datasets`
-data set saved to disk; `memorizing_hf.corpora` says how the split is made and where it is stored. `--output` writes
-the held-out documents of every source (with the size of each split) to a JSON file, to cite beside results.
+data set saved to disk; `memorizing_experiments.corpora` says how the split is made and where it is stored.
+`--output` writes the held-out documents of every source (with the size of each split) to a JSON file, to cite
+beside results.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from memorizing_hf.corpora import SPLITS, corpus_dir, prepare_corpus, split_record
-from memorizing_hf.data import CORPORA
+from memorizing_experiments.corpora import CORPORA, SPLITS, corpus_dir, prepare_corpus, split_record
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:

@@ -11,7 +11,7 @@ standard-library module in 512-token segments.
    docstrings token by token (each guess given the real text before it), with that memory and with empty memory.
    Then `generate()` writes one of them on its own (greedy), compared with the module's real text.
 
-Run: `python -m memorizing_hf.demo [--module typing] [--tokens 12288] [--layers 16-24]`.
+Run: `python -m memorizing_experiments.demo [--module typing] [--tokens 12288] [--layers 16-24]`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .cli import parse_layers
-from .evaluation import streaming_perplexity
-from .modeling_memorizing import MemorizingForCausalLM
+from memorizing_hf import MemorizingForCausalLM
+from memorizing_hf.cli import parse_layers
+from memorizing_hf.evaluation import streaming_perplexity
+
 from .sources import smollm2_path, stdlib_path
 
 LEAD_IN = 48  # prompt tokens: the lines just before the definition

