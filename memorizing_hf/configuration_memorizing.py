@@ -24,8 +24,8 @@ from ._compat import (
 logger = logging.get_logger(__name__)
 
 COMBINE_MODES = ("gate", "joint")
-RETRIEVAL_BACKENDS = ("exact", "faiss")
-FAISS_INDEX_KINDS = ("flat", "ivf")
+RETRIEVAL_BACKENDS = ("exact", "faiss", "pages")
+FAISS_INDEX_KINDS = ("flat", "ivf", "hnsw")
 ROTARY_PLACEMENTS = ("fixed", "absolute", "none")
 MEMORY_DTYPES = ("float32", "bfloat16", "float16")
 LOCAL_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -51,12 +51,17 @@ class MemorizingConfig(PretrainedConfig):
             Dtype of the stored keys and values (`"float32"`, `"bfloat16"`, `"float16"`); defaults to the dtype of
             the keys the layer computes.
         retrieval (`str`, *optional*, defaults to `"exact"`):
-            `"exact"` (blocked exact top-k in torch, CPU or CUDA) or `"faiss"` (one faiss index per row and head; needs
-            the `faiss-cpu` or `faiss-gpu` extra).
+            `"exact"` (blocked exact top-k in torch, CPU or CUDA), `"faiss"` (one faiss index per row and head; needs
+            the `faiss-cpu` or `faiss-gpu` extra) or `"pages"` (coarse-to-exact in torch, CPU or CUDA: pages of
+            similar keys ranked by centroid, the visited pages' keys re-ranked exactly; see `retrieval_pages.py`).
         faiss_index (`str`, *optional*, defaults to `"flat"`):
-            Kind of faiss index when `retrieval="faiss"`: `"flat"` (exact) or `"ivf"` (approximate).
+            Kind of faiss index when `retrieval="faiss"`: `"flat"` (exact), `"ivf"` or `"hnsw"` (approximate, over
+            MIPS-augmented keys).
         faiss_nprobe (`int`, *optional*, defaults to 8):
             Number of IVF lists searched per query when `faiss_index="ivf"`.
+        page_budget (`float`, *optional*, defaults to 0.05):
+            Share of the pages each query visits when `retrieval="pages"`; `None` visits every page that could hold
+            a top-k entry (exact).
         combine (`str`, *optional*, defaults to `"gate"`):
             How retrieved entries are mixed with local attention. `"gate"` is the paper: memory attention has its own
             softmax over the retrieved keys, queries and keys are L2-normalised and scaled by a learned per-head
@@ -116,6 +121,7 @@ class MemorizingConfig(PretrainedConfig):
         retrieval: str = "exact",
         faiss_index: str = "flat",
         faiss_nprobe: int = 8,
+        page_budget: float | None = 0.05,
         combine: str = "gate",
         gate_init: float = 0.0,
         memory_scale_init: float | None = None,
@@ -178,6 +184,8 @@ class MemorizingConfig(PretrainedConfig):
             raise ValueError(f"local_window must be an integer >= 1, got {local_window!r}.")
         if faiss_nprobe < 1:
             raise ValueError(f"faiss_nprobe must be >= 1, got {faiss_nprobe!r}.")
+        if page_budget is not None and not 0 < page_budget <= 1:
+            raise ValueError(f"page_budget must be in (0, 1] or None (exact), got {page_budget!r}.")
         if memory_query_offset is not None and memory_query_offset < 0:
             raise ValueError(f"memory_query_offset must be >= 0 or None, got {memory_query_offset!r}.")
         if never_store_token_ids is None:
@@ -190,6 +198,7 @@ class MemorizingConfig(PretrainedConfig):
         self.retrieval = retrieval
         self.faiss_index = faiss_index
         self.faiss_nprobe = faiss_nprobe
+        self.page_budget = page_budget
         self.combine = combine
         self.gate_init = float(gate_init)
         self.memory_scale_init = memory_scale_init

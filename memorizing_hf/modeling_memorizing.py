@@ -936,6 +936,10 @@ def make_backend(config: MemorizingConfig) -> RetrievalBackend:
         from .retrieval_faiss import FaissBackend
 
         return FaissBackend(index_kind=config.faiss_index, nprobe=config.faiss_nprobe)
+    if config.retrieval == "pages":
+        from .retrieval_pages import PageBackend
+
+        return PageBackend(budget=config.page_budget)
     return ExactBackend()
 
 

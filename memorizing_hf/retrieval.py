@@ -40,6 +40,7 @@ This file is also shipped as Hugging Face remote code: it imports only torch and
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -202,25 +203,42 @@ def _search_two_pass(
     """
     RH, T, D = q.shape
     low, selected, short = _pass1_bound(q, keys, row_len, n, lo, k, sub, approx)
-    hit_q, hit_s, hit_i, overflow = _pass2_candidates(q, keys, row_len, lo, k, sub, low, selected, short)
-    scores, indices = _top_k_per_query(hit_q, hit_s, hit_i, RH * T, k, CANDIDATES * k)
-
-    redo = overflow.nonzero().squeeze(1)
-    if redo.numel():  # dense search of these queries, packed per head, padded with copies of a query
-        redo_head, redo_token = redo // T, redo % T
-        per_head = torch.bincount(redo_head, minlength=RH)
-        slot = torch.arange(redo.numel()) - (per_head.cumsum(0) - per_head)[redo_head]
-        redo_q = q[:, :1].expand(RH, int(per_head.max()), D).clone()
-        redo_q[redo_head, slot] = q[redo_head, redo_token]
-        n_redo = min(n, int(row_len[redo_head].max()))  # often short rows: scan only their length
-        block = max(min(choose_block_size(redo_q.shape[0] * redo_q.shape[1]), n_redo), 1)  # n_redo 0: empty rows
-        s, i = _search_dense(redo_q, keys, row_len, n_redo, lo, k, block)
-        scores[redo] = s.view(RH, -1, k)[redo_head, slot]
-        indices[redo] = i.view(RH, -1, k)[redo_head, slot]
+    hit_q, hit_s, hit_i, overflow = score_groups(q, keys, row_len, lo, k, sub, low, selected, short)
+    scores, indices = top_k_per_query(hit_q, hit_s, hit_i, RH * T, k)
+    redo_dense(q, keys, row_len, n, lo, k, overflow, scores, indices)
     return scores, indices
 
 
-def _pass2_candidates(
+def redo_dense(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    row_len: torch.Tensor,
+    n: int,
+    lo: int,
+    k: int,
+    redo: torch.Tensor,
+    scores: torch.Tensor,
+    indices: torch.Tensor,
+) -> None:
+    """Search the queries `redo` (`[RH * T]` bool) of `q [RH, T, D]` densely, into `scores`/`indices [RH * T, k]`:
+    the queries whose candidates overflowed. They are packed per head, padded with copies of a query."""
+    RH, T, D = q.shape
+    redo = redo.nonzero().squeeze(1)
+    if not redo.numel():
+        return
+    redo_head, redo_token = redo // T, redo % T
+    per_head = torch.bincount(redo_head, minlength=RH)
+    slot = torch.arange(redo.numel(), device=q.device) - (per_head.cumsum(0) - per_head)[redo_head]
+    redo_q = q[:, :1].expand(RH, int(per_head.max()), D).clone()
+    redo_q[redo_head, slot] = q[redo_head, redo_token]
+    n_redo = min(n, int(row_len[redo_head].max()))  # often short rows: scan only their length
+    block = max(min(choose_block_size(redo_q.shape[0] * redo_q.shape[1]), n_redo), 1)  # n_redo 0: empty rows
+    s, i = _search_dense(redo_q, keys, row_len, n_redo, lo, k, block)
+    scores[redo] = s.view(RH, -1, k)[redo_head, slot]
+    indices[redo] = i.view(RH, -1, k)[redo_head, slot]
+
+
+def score_groups(
     q: torch.Tensor,
     keys: torch.Tensor,
     row_len: torch.Tensor,
@@ -233,68 +251,105 @@ def _pass2_candidates(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pass 2 of `_search_two_pass`: the fp32 scores >= `low` of the selected (head, group, query) triples.
 
-    Each group's keys are scored against the queries that selected it in one small matmul, batched over windows of
-    groups. Groups are taken in order of falling query count, so that padding every group of a window to the count
-    of its first one costs little; padding rows score a real query against a threshold of +inf (never a hit).
-
     Returns the candidates' queries, scores and slots (1-D, unordered) and the queries to search densely instead
     (`[RH * T]` bool: `short`, or more than `CANDIDATES * k` candidates, e.g. many equal scores).
     """
-    RH, T, D = q.shape
-    Q, C = RH * T, keys.shape[1]
+    Q = q.shape[0] * q.shape[1]
+    cap = CANDIDATES * k
+    count = torch.zeros(Q, dtype=torch.long, device=q.device)
+    overflow = short
+    empty = torch.zeros(0, dtype=torch.long, device=q.device)
+    found = [(empty, torch.zeros(0, device=q.device), empty)]
     head, group, token = selected.nonzero(as_tuple=True)  # sorted by (head, group): each group's pairs contiguous
     num_groups = selected.shape[1]
     del selected
-    query = head * T + token
-    per_group = torch.bincount(head * num_groups + group, minlength=RH * num_groups)
-    first_pair = per_group.cumsum(0) - per_group
-    per_group, order = per_group.sort(descending=True)
-    order = order[: int((per_group > 0).sum())]
-    per_group, first_pair = per_group[: order.numel()].tolist(), first_pair[order]
-    group_head, group_slots = order // num_groups, (order % num_groups)[:, None] * sub + torch.arange(sub)
-
-    flat_q, flat_keys = q.reshape(Q, D), keys.reshape(-1, D)
-    cap = CANDIDATES * k
-    count = torch.zeros(Q, dtype=torch.long)
-    overflow = short
-    found_q, found_s, found_i = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0)], [torch.zeros(0, dtype=torch.long)]
-    g0 = 0
-    while g0 < len(per_group):  # windows of groups whose padded queries, keys and scores fit PASS2_BYTES
-        size = per_group[g0]
-        g1 = min(g0 + max(1, PASS2_BYTES // (4 * (size * D + sub * D + size * sub))), len(per_group))
-        rank = torch.arange(size)
-        valid = rank < torch.tensor(per_group[g0:g1])[:, None]  # [groups, size]: real rows, not padding
-        row_query = query[torch.where(valid, first_pair[g0:g1, None] + rank, first_pair[g0:g1, None])].view(-1)
-        row_low = torch.where(valid.view(-1), low[row_query], float("inf"))
-        window_heads, window_slots = group_head[g0:g1, None], group_slots[g0:g1]  # [groups, 1], [groups, sub]
-        window_keys = flat_keys.index_select(0, (window_heads * C + window_slots.clamp(max=C - 1)).view(-1))
-        window_q = flat_q.index_select(0, row_query).view(-1, size, D)
-        s = torch.bmm(window_q, window_keys.float().view(-1, sub, D).transpose(1, 2))  # [groups, size, sub]
-        if int(window_slots[:, -1].max()) >= lo:  # some group reaches past a row's end
-            s.masked_fill_((window_slots >= row_len[window_heads])[:, None, :], float("-inf"))
-        hit = (s.view(-1, sub) >= row_low[:, None]).view(-1).nonzero().squeeze(1)  # flat (row, slot) positions
-        hit_q = row_query[hit // sub]
+    pairs = (head * num_groups + group, head * q.shape[1] + token)
+    for row_query, valid, window_slots, s in scored_groups(q, keys, row_len, lo, sub, pairs, num_groups):
+        hit_q, hit_s, hit_i = hits(row_query, torch.where(valid, low[row_query], float("inf")), window_slots, s)
         count += torch.bincount(hit_q, minlength=Q)
         overflow = overflow | (count > cap)
         drop = overflow[hit_q]
         if bool(drop.any()):  # rare: bounds the candidates kept, whatever the number of equal scores
-            hit, hit_q = hit[~drop], hit_q[~drop]
-        found_q.append(hit_q)
-        found_s.append(s.view(-1)[hit])
-        found_i.append(window_slots.view(-1)[hit // (size * sub) * sub + hit % sub])
-        g0 = g1
-    hit_q, hit_s, hit_i = torch.cat(found_q), torch.cat(found_s), torch.cat(found_i)
+            hit_q, hit_s, hit_i = hit_q[~drop], hit_s[~drop], hit_i[~drop]
+        found.append((hit_q, hit_s, hit_i))
+    hit_q, hit_s, hit_i = (torch.cat(part) for part in zip(*found))
     drop = overflow[hit_q]  # queries that overflowed after some of their candidates were kept
     if bool(drop.any()):
         hit_q, hit_s, hit_i = hit_q[~drop], hit_s[~drop], hit_i[~drop]
     return hit_q, hit_s, hit_i, overflow
 
 
-def _top_k_per_query(
-    hit_q: torch.Tensor, hit_s: torch.Tensor, hit_i: torch.Tensor, num_queries: int, k: int, cap: int
+def scored_groups(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    row_len: torch.Tensor,
+    lo: int,
+    sub: int,
+    pairs: tuple[torch.Tensor, torch.Tensor],
+    num_groups: int,
+    group_slots: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The fp32 scores of the (group, query) pairs `pairs` of queries `q [RH, T, D]`, window by window: the groups as
+    head * num_groups + group, in non-decreasing order, and the queries as head * T + token.
+
+    Each group's keys are scored against the queries that selected it in one small matmul, batched over windows of
+    groups. Groups are taken in order of falling query count, so that padding every group of a window to the count
+    of its first one costs little. A group is `sub` consecutive slots, or, given `group_slots [RH, groups, sub]`,
+    the slots it lists (-1: none; `retrieval_pages` groups similar keys this way).
+
+    Yields `(row_query [rows], valid [rows], slots [groups, sub], scores [groups, size, sub])`, rows = groups x size:
+    each row's query (as head * T + token), whether it is a real row (padding rows repeat one), the groups' slots,
+    and the scores (-inf for slots past their row's length or -1).
+    """
+    RH, T, D = q.shape
+    C, device = keys.shape[1], q.device
+    groups, query = pairs
+    per_group = torch.bincount(groups, minlength=RH * num_groups)
+    first_pair = per_group.cumsum(0) - per_group
+    per_group, order = per_group.sort(descending=True)
+    order = order[: int((per_group > 0).sum())]
+    per_group, first_pair = per_group[: order.numel()].tolist(), first_pair[order]
+    group_head, listed = order // num_groups, group_slots is not None
+    if listed:
+        group_slots = group_slots.view(-1, sub)[order]
+    else:
+        group_slots = (order % num_groups)[:, None] * sub + torch.arange(sub, device=device)
+
+    flat_q, flat_keys = q.reshape(RH * T, D), keys.reshape(-1, D)
+    g0 = 0
+    while g0 < len(per_group):  # windows of groups whose padded queries, keys and scores fit PASS2_BYTES
+        size = per_group[g0]
+        g1 = min(g0 + max(1, PASS2_BYTES // (4 * (size * D + sub * D + size * sub))), len(per_group))
+        rank = torch.arange(size, device=device)
+        valid = rank < torch.tensor(per_group[g0:g1], device=device)[:, None]  # [groups, size]: real rows, not padding
+        row_query = query[torch.where(valid, first_pair[g0:g1, None] + rank, first_pair[g0:g1, None])].view(-1)
+        window_heads, window_slots = group_head[g0:g1, None], group_slots[g0:g1]  # [groups, 1], [groups, sub]
+        window_keys = flat_keys.index_select(0, (window_heads * C + window_slots.clamp(0, C - 1)).view(-1))
+        window_q = flat_q.index_select(0, row_query).view(-1, size, D)
+        s = torch.bmm(window_q, window_keys.float().view(-1, sub, D).transpose(1, 2))  # [groups, size, sub]
+        if listed or int(window_slots[:, -1].max()) >= lo:  # listed slots may be -1; consecutive ones past a row end
+            invalid = (window_slots >= row_len[window_heads]) | (window_slots < 0)
+            s.masked_fill_(invalid[:, None, :], float("-inf"))
+        yield row_query, valid.view(-1), window_slots, s
+        g0 = g1
+
+
+def hits(
+    row_query: torch.Tensor, row_low: torch.Tensor, slots: torch.Tensor, scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The queries, scores and slots (1-D) of the entries of one `scored_groups` window whose score reaches its row's
+    threshold `row_low [rows]`."""
+    sub = slots.shape[1]
+    size = scores.shape[1]
+    hit = (scores.view(-1, sub) >= row_low[:, None]).view(-1).nonzero().squeeze(1)  # flat (row, slot) positions
+    return row_query[hit // sub], scores.view(-1)[hit], slots.view(-1)[hit // (size * sub) * sub + hit % sub]
+
+
+def top_k_per_query(
+    hit_q: torch.Tensor, hit_s: torch.Tensor, hit_i: torch.Tensor, num_queries: int, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k of every query's candidates (at most `cap` per query): `[num_queries, k]` scores and slots, -inf
-    and -1 where a query has fewer.
+    """The top-k of every query's candidates: `[num_queries, k]` scores and slots, -inf and -1 where a query has
+    fewer.
 
     One sort of an int64 key (the query in the high 32 bits; in the low 32, the score's bits as an unsigned integer
     that falls as the score rises) puts every query's candidates together, best first (two float sorts cost 3x more).
@@ -304,12 +359,15 @@ def _top_k_per_query(
     key, order = (hit_q * 2**32 + (2**31 - 1 - ordered)).sort()
     hit_q = key >> 32
     per_query = torch.bincount(hit_q, minlength=num_queries)
-    place = hit_q * cap + torch.arange(hit_q.numel()) - (per_query.cumsum(0) - per_query)[hit_q]
-    scores = torch.full((num_queries, cap), float("-inf"))
-    indices = torch.full((num_queries, cap), -1, dtype=torch.long)
+    rank = torch.arange(hit_q.numel(), device=hit_q.device) - (per_query.cumsum(0) - per_query)[hit_q]
+    keep = (rank < k).nonzero().squeeze(1)
+    place = hit_q[keep] * k + rank[keep]
+    scores = torch.full((num_queries, k), float("-inf"), device=hit_q.device)
+    indices = torch.full((num_queries, k), -1, dtype=torch.long, device=hit_q.device)
+    order = order[keep]
     scores.view(-1)[place] = hit_s[order]
     indices.view(-1)[place] = hit_i[order]
-    return scores[:, :k], indices[:, :k]
+    return scores, indices
 
 
 def _pass1_bound(

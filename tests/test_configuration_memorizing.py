@@ -51,7 +51,7 @@ def test_round_trip_through_dict_and_auto_config(tmp_path) -> None:
         ({"memory_size": 8, "memory_top_k": 16}, "memory_size (8) must be an integer >= memory_top_k"),
         ({"retrieval": "annoy"}, "Unknown retrieval 'annoy'"),
         ({"combine": "sum"}, "Unknown combine 'sum'"),
-        ({"faiss_index": "hnsw"}, "Unknown faiss_index"),
+        ({"faiss_index": "lsh"}, "Unknown faiss_index"),
         ({"rotary_placement": "relative"}, "Unknown rotary_placement"),
         ({"memory_dtype": "int8"}, "Unknown memory_dtype"),
         ({"sink_tokens": -1}, "sink_tokens must be"),

@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memorizing_hf import retrieval_faiss
 from memorizing_hf.retrieval_faiss import FaissBackend
 
 needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="faiss not installed")
@@ -142,6 +143,42 @@ def test_ivf_exhaustive_probe_is_exact_before_and_after_training(capacity, heads
 
 
 @needs_faiss
+@settings(max_examples=30, deadline=None)
+@given(capacity=st.integers(1, 12), heads=st.integers(1, 2), seed=st.integers(0, 2**16), data=st.data())
+def test_hnsw_matches_naive_search_under_fifo_writes_and_resets(capacity, heads, seed, data):
+    """HNSW cannot remove: overwritten entries become tombstones (never returned) until a rebuild. On graphs this
+    small every node links to every other, so the search is exhaustive and must be exact."""
+    ops = data.draw(_ops(max_size=3 * capacity))
+    run_ops(FaissBackend("hnsw", hnsw_links=16), capacity, heads, ops, seed)
+
+
+@needs_faiss
+def test_hnsw_tombstones_are_rebuilt_and_longer_keys_rebuild_the_reduction(monkeypatch):
+    monkeypatch.setattr(retrieval_faiss, "_NORM_HEADROOM", 1.5)  # no rebuild for a longer key until asked below
+    gen = torch.Generator().manual_seed(5)
+    backend = FaissBackend("hnsw", hnsw_links=32, ef_search=64)
+    model = RingModel(backend, rows=1, heads=2, capacity=40, dim=4)
+    queries = torch.randn(1, 2, 6, 4, generator=gen)
+    model.write([40], gen)
+    check_against_reference(model, queries, 8)  # builds from storage
+    model.write([30], gen)  # 30 tombstones, 40 live entries
+    check_against_reference(model, queries, 8)
+    assert all(index.tombstones == 30 and index.ntotal == 40 for index in backend._rows[0].indexes)
+    model.write([15], gen)  # more tombstones than live entries: rebuilt from storage at the next search
+    check_against_reference(model, queries, 8)
+    assert all(index.tombstones == 0 for index in backend._rows[0].indexes)
+    norm = max(backend._rows[0].max_norms)
+    model.write([1], gen)
+    slot = (model.writes[0] - 1) % model.capacity
+    key = model.rows[0][-1][1]
+    key.copy_(2 * norm * torch.nn.functional.normalize(key, dim=-1))  # a key longer than the reduction's M ...
+    model.keys[0, :, slot] = model.rows[0][-1][1]
+    backend.add(torch.tensor([0]), torch.tensor([slot]), model.keys[0, :, slot][None])
+    check_against_reference(model, queries, 8)  # ... must still be found with its exact score
+    assert min(backend._rows[0].max_norms) > norm
+
+
+@needs_faiss
 def test_ivf_before_and_after_training():
     gen = torch.Generator().manual_seed(0)
     backend = FaissBackend("ivf", nlist=4, nprobe=4)  # trains at 39 * 4 = 156 entries
@@ -238,7 +275,9 @@ def test_empty_rows_and_no_queries():
 @needs_faiss
 def test_bad_arguments_and_gpu_selection():
     with pytest.raises(ValueError):
-        FaissBackend("hnsw")
+        FaissBackend("lsh")
+    with pytest.raises(ValueError, match="ef_search"):
+        FaissBackend("hnsw", ef_search=0)
     with pytest.raises(ValueError):
         FaissBackend("ivf", nprobe=0)
     with pytest.raises(ValueError, match="train_points_per_list"):
@@ -261,7 +300,7 @@ def test_missing_faiss_names_the_extra(monkeypatch):
 
 
 @needs_faiss
-@pytest.mark.parametrize("kind", ["flat", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
 def test_through_the_store_matches_the_exact_backend(kind):
     """End to end with the real ring buffer (memory.KNNMemory): same slots and scores as ExactBackend
     across wrap-arounds, partial writes and a row reset."""
@@ -270,7 +309,8 @@ def test_through_the_store_matches_the_exact_backend(kind):
 
     gen = torch.Generator().manual_seed(0)
     R, H, D, T, k = 3, 2, 8, 40, 16
-    faiss_mem = KNNMemory(100, H, D, FaissBackend(kind, nlist=2, nprobe=2))  # IVF trains at 78 entries
+    # IVF trains at 78 entries; HNSW with efSearch >= entries visits its whole (connected) graph: both exact here
+    faiss_mem = KNNMemory(100, H, D, FaissBackend(kind, nlist=2, nprobe=2, ef_search=128))
     exact_mem = KNNMemory(100, H, D, ExactBackend())
     for step in range(8):
         keys = torch.randn(R, H, T, D, generator=gen)
