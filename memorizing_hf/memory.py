@@ -170,12 +170,13 @@ class KNNMemory:
         self._follow(queries.device)
         return self.backend.search(queries.detach(), self.keys, self.lengths, k)
 
-    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values `[rows, heads, M, k, head_dim]` at `slots` (missing slots, -1, give slot 0)."""
+    def gather(self, slots: torch.Tensor, with_keys: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Keys (None unless `with_keys`) and values `[rows, heads, M, k, head_dim]` at `slots` (missing slots, -1,
+        give slot 0)."""
         rows, heads, allocated, dim = self.keys.shape
         base = torch.arange(rows * heads, device=slots.device).view(rows, heads, 1, 1) * allocated
         flat = (base + slots.clamp(min=0)).flatten()
-        keys = self.keys.view(-1, dim).index_select(0, flat).view(*slots.shape, dim)
+        keys = self.keys.view(-1, dim).index_select(0, flat).view(*slots.shape, dim) if with_keys else None
         values = self.values.view(-1, dim).index_select(0, flat).view(*slots.shape, dim)
         return keys, values
 
@@ -411,22 +412,24 @@ class MemoryBank:
 
     @torch.no_grad()
     def search(
-        self, layer: int, queries: torch.Tensor, k: int, group: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-k scores, keys and values `[B, Hkv, M, k(, D)]` for placed queries `[B, Hkv, M, D]`. Each memory row
-        serves `group` consecutive batch rows (the sequences of one prompt, or every prompt of a one-row memory)."""
+        self, layer: int, queries: torch.Tensor, k: int, group: int = 1, with_keys: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Top-k scores, keys (None unless `with_keys`) and values `[B, Hkv, M, k(, D)]` for placed queries
+        `[B, Hkv, M, D]`. Each memory row serves `group` consecutive batch rows (the sequences of one prompt, or every
+        prompt of a one-row memory)."""
         memory = self.layers[layer]
         batch, heads, queries_per_row, dim = queries.shape
         rows = batch // group
         shared = queries.view(rows, group, heads, queries_per_row, dim).transpose(1, 2)
         scores, slots = memory.search(shared.reshape(rows, heads, group * queries_per_row, dim), k)
-        keys, values = memory.gather(slots)
+        keys, values = memory.gather(slots, with_keys)
 
         def per_row(x: torch.Tensor) -> torch.Tensor:
             x = x.view(rows, heads, group, queries_per_row, *x.shape[3:]).transpose(1, 2)
             return x.reshape(batch, heads, queries_per_row, *x.shape[4:])
 
-        return per_row(scores.masked_fill(slots < 0, -math.inf)), per_row(keys), per_row(values)
+        keys = per_row(keys) if with_keys else None
+        return per_row(scores.masked_fill(slots < 0, -math.inf)), keys, per_row(values)
 
     @torch.no_grad()
     def extend(self, other: MemoryBank, rows: torch.Tensor) -> None:

@@ -147,18 +147,20 @@ class KNNAttention(nn.Module):
         )
 
     @torch.no_grad()
-    def _retrieve(self, grouped: torch.Tensor, context: MemoryContext) -> tuple[torch.Tensor, ...]:
-        """Keys, values and validity `[B, Hkv, M, k(, D)]` of the top-k entries over every memory the call reads,
-        for the placed queries `[B, Hkv, M, D]`."""
+    def _retrieve(
+        self, grouped: torch.Tensor, context: MemoryContext, with_keys: bool
+    ) -> tuple[torch.Tensor | None, ...]:
+        """Scores, keys (if `with_keys`), values and validity `[B, Hkv, M, k(, D)]` of the top-k entries over every
+        memory the call reads, for the placed queries `[B, Hkv, M, D]`."""
         sources = context.sources(self.layer_idx)
-        found = [memory.search(self.layer_idx, grouped, self.top_k, group) for memory, group in sources]
+        found = [memory.search(self.layer_idx, grouped, self.top_k, group, with_keys) for memory, group in sources]
         scores, keys, values = found[0]
         if len(found) > 1:  # the best k of the union
             scores, top = torch.cat([f[0] for f in found], dim=-1).topk(self.top_k, dim=-1)
-            top = top.unsqueeze(-1).expand(*top.shape, keys.shape[-1])
-            keys = torch.cat([f[1] for f in found], dim=-2).gather(-2, top)
+            top = top.unsqueeze(-1).expand(*top.shape, values.shape[-1])
             values = torch.cat([f[2] for f in found], dim=-2).gather(-2, top)
-        return keys, values, torch.isfinite(scores)
+            keys = torch.cat([f[1] for f in found], dim=-2).gather(-2, top) if with_keys else None
+        return scores, keys, values, torch.isfinite(scores)
 
     def forward(
         self,
@@ -193,24 +195,29 @@ class KNNAttention(nn.Module):
             placed = context.memory.place_queries(query, context.positions, distance, context.rotary)
             grouped = placed.reshape(batch, self.num_kv_heads, -1, dim)  # query head h*G+g reads kv head h
         if first_pass:
-            context.stash[self.layer_idx] = self._retrieve(grouped, context) if reads else None
+            # Scores that need gradients (training, or a forward under autograd) come from the gathered keys;
+            # otherwise the search's own fp32 scores of the same queries are used and the keys are never gathered.
+            with_keys = module.training or torch.is_grad_enabled()
+            context.stash[self.layer_idx] = self._retrieve(grouped, context, with_keys) if reads else None
         retrieved = context.stash[self.layer_idx]
         if retrieved is None:
             output, weights = local_attention(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
         else:
-            mem_keys, mem_values, valid = retrieved
-            mem_keys, mem_values = mem_keys.to(query.dtype), mem_values.to(query.dtype)
+            mem_scores, mem_keys, mem_values, valid = retrieved
+            if mem_keys is not None:
+                mem_scores = torch.matmul(grouped.unsqueeze(-2), mem_keys.to(query.dtype).transpose(-1, -2)).squeeze(-2)
+            mem_values = mem_values.to(query.dtype)
             if self.combine == "gate":
                 output, weights = local_attention(
                     module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
                 )
-                output = self._gated(output, grouped, mem_keys, mem_values, valid, context)
+                output = self._gated(output, mem_scores, mem_values, valid, context)
             else:
                 output, weights = self._joint(
-                    module, query, key, value, attention_mask, grouped, mem_keys, mem_values, valid, scaling,
-                    dropout, kwargs.get("softcap"), context,
+                    module, query, key, value, attention_mask, mem_scores, mem_values, valid, scaling,
+                    dropout, kwargs.get("softcap"), context, local_attention is _eager_attention,
                 )  # fmt: skip
         if context.write and first_pass:  # no autograd records: checkpoint recomputation stays identical
             context.memory.write(
@@ -230,18 +237,17 @@ class KNNAttention(nn.Module):
     def _gated(
         self,
         local: torch.Tensor,
-        grouped: torch.Tensor,
-        mem_keys: torch.Tensor,
+        mem_scores: torch.Tensor,
         mem_values: torch.Tensor,
         valid: torch.Tensor,
         context: MemoryContext,
     ) -> torch.Tensor:
-        """g * softmax-attention over the retrieved entries + (1 - g) * local, per query head."""
+        """g * softmax-attention over the retrieved entries (their scores `[B, Hkv, M, k]`) + (1 - g) * local, per
+        query head."""
         batch, tokens, heads, dim = local.shape
         group = heads // self.num_kv_heads
-        scale = self.memory_scale.view(1, self.num_kv_heads, group, 1, 1).to(grouped.dtype)
-        scores = torch.einsum("bhmd,bhmkd->bhmk", grouped, mem_keys)
-        scores = scores.view(batch, self.num_kv_heads, group, tokens, -1) * scale
+        scale = self.memory_scale.view(1, self.num_kv_heads, group, 1, 1).to(mem_scores.dtype)
+        scores = mem_scores.reshape(batch, self.num_kv_heads, group, tokens, -1) * scale
         scores = scores.masked_fill(~valid.view_as(scores), float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(local.dtype)
         memory_out = torch.einsum("bhgtk,bhgtkd->bhgtd", probs, mem_values.view(*probs.shape, dim))
@@ -259,38 +265,43 @@ class KNNAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        grouped: torch.Tensor,
-        mem_keys: torch.Tensor,
+        mem_scores: torch.Tensor,
         mem_values: torch.Tensor,
         valid: torch.Tensor,
         scaling: float,
         dropout: float,
         softcap: float | None,
         context: MemoryContext,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One softmax over the local keys and the retrieved keys (eager computation)."""
+        weights: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One softmax over the local keys and the retrieved keys (their scores `[B, Hkv, M, k]`), computed eagerly:
+        the query heads of a key/value head share one matmul (no repeated keys), the two parts share one maximum and
+        one denominator (no concatenation). `weights`: also return the probabilities `[B, H, T, local + k]` (as eager
+        attention does)."""
         batch, heads, tokens, dim = query.shape
-        group = heads // self.num_kv_heads
-        local_keys = key.shape[2]
-        key = key.repeat_interleave(group, dim=1)
-        value = value.repeat_interleave(group, dim=1)
-        local_scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-        memory_scores = torch.einsum("bhmd,bhmkd->bhmk", grouped, mem_keys).reshape(batch, heads, tokens, -1) * scaling
+        kv_heads, local_keys = self.num_kv_heads, key.shape[2]
+        by_kv_head = query.reshape(batch, kv_heads, -1, dim)  # query head h*G+g reads kv head h
+        local = torch.matmul(by_kv_head, key.transpose(2, 3)).view(batch, heads, tokens, local_keys).float()
+        memory = mem_scores.reshape(batch, heads, tokens, -1).float()
+        local, memory = local * scaling, memory * scaling
         if softcap is not None:
-            local_scores = torch.tanh(local_scores / softcap) * softcap
-            memory_scores = torch.tanh(memory_scores / softcap) * softcap
-        local_scores = local_scores + _additive_mask(attention_mask, tokens, local_keys, query)
-        memory_scores = memory_scores.masked_fill(~valid.reshape(batch, heads, tokens, -1), float("-inf"))
-        probs = torch.softmax(torch.cat((local_scores, memory_scores), dim=-1).float(), dim=-1)
-        probs = probs.nan_to_num(0.0).to(query.dtype)
+            local, memory = torch.tanh(local / softcap) * softcap, torch.tanh(memory / softcap) * softcap
+        local = local + _additive_mask(attention_mask, tokens, local_keys, local)
+        memory = memory.masked_fill(~valid.reshape(batch, heads, tokens, -1), float("-inf"))
+        top = torch.maximum(local.amax(-1, keepdim=True), memory.amax(-1, keepdim=True)).detach()
+        top = torch.where(torch.isfinite(top), top, 0.0)  # a query that sees nothing: every probability 0
+        local, memory = torch.exp(local - top), torch.exp(memory - top)
+        total = local.sum(-1, keepdim=True) + memory.sum(-1, keepdim=True)
+        inverse = torch.where(total > 0, 1.0 / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
+        local, memory = local * inverse, memory * inverse
         if context.stats is not None:
-            share = probs[..., local_keys:].sum(-1).mean(dim=(0, 2))
-            context.stats.setdefault("memory_share", {})[self.layer_idx] = share.tolist()
-        probs = F.dropout(probs, p=dropout, training=module.training)
-        output = torch.matmul(probs[..., :local_keys], value)
+            context.stats.setdefault("memory_share", {})[self.layer_idx] = memory.sum(-1).mean(dim=(0, 2)).tolist()
+        local = F.dropout(local, p=dropout, training=module.training).to(query.dtype)
+        memory = F.dropout(memory, p=dropout, training=module.training).to(query.dtype)
+        output = torch.matmul(local.view(batch, kv_heads, -1, local_keys), value).view(batch, heads, tokens, dim)
         memory_values = mem_values.reshape(batch, heads, tokens, -1, dim)
-        output = output + torch.einsum("bhtk,bhtkd->bhtd", probs[..., local_keys:], memory_values)
-        return output.transpose(1, 2).contiguous(), probs
+        output = output + torch.matmul(memory.unsqueeze(-2), memory_values).squeeze(-2)
+        return output.transpose(1, 2).contiguous(), torch.cat((local, memory), dim=-1) if weights else None
 
 
 def _additive_mask(mask: torch.Tensor | None, tokens: int, keys: int, like: torch.Tensor) -> torch.Tensor:

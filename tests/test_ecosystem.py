@@ -7,6 +7,8 @@ the same call on a model copy that read the same documents, the base model, or t
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import transformers
@@ -108,6 +110,8 @@ def test_a_plain_trainer_is_warned_and_never_writes_memory(tmp_path, caplog) -> 
     model = tiny_memorizing("llama").train()
     data = [{"input_ids": ids, "labels": ids} for ids in _ids(16, seed=4, batch=6)]
     args = transformers.TrainingArguments(tmp_path, max_steps=2, per_device_train_batch_size=2, report_to="none")
+    if hasattr(logging.Logger.warning_once, "cache_clear"):  # transformers warns once per process
+        logging.Logger.warning_once.cache_clear()
     with caplog.at_level("WARNING"):
         transformers.Trainer(model=model, args=args, train_dataset=data).train()
     assert "MemorizingTrainer" in caplog.text
