@@ -9,6 +9,7 @@ retrieved entries are mixed with local attention.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig, logging
@@ -74,6 +75,10 @@ class MemorizingConfig(PretrainedConfig):
         memory_scale_init (`float`, *optional*):
             Initial value of the learned per-head scale of the normalised memory scores (gate mode). Defaults to
             `sqrt(head_dim)`.
+        memory_score_bias (`float`, *optional*, defaults to 0.0):
+            Joint mode: added to the scaled scores of the retrieved entries in the shared softmax, i.e. multiplies
+            their weight against the local keys by exp(bias). Zero-shot, a few retrieved entries compete with a
+            whole window of local keys; a bias of about 1 lets a retrieved fact win (docs/results.md, recall).
         sink_tokens (`int`, *optional*, defaults to 1):
             Number of tokens at the start of every segment (and so of every document) that are never written to
             memory. These are attention sinks: stored, every query retrieves them and memory hurts.
@@ -125,6 +130,7 @@ class MemorizingConfig(PretrainedConfig):
         combine: str = "gate",
         gate_init: float = 0.0,
         memory_scale_init: float | None = None,
+        memory_score_bias: float = 0.0,
         sink_tokens: int = 1,
         never_store_token_ids: list[int] | None = None,
         rotary_placement: str = "fixed",
@@ -182,6 +188,8 @@ class MemorizingConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
         if not isinstance(local_window, int) or local_window < 1:
             raise ValueError(f"local_window must be an integer >= 1, got {local_window!r}.")
+        if not isinstance(memory_score_bias, (int, float)) or not math.isfinite(memory_score_bias):
+            raise ValueError(f"memory_score_bias must be a finite number, got {memory_score_bias!r}.")
         if faiss_nprobe < 1:
             raise ValueError(f"faiss_nprobe must be >= 1, got {faiss_nprobe!r}.")
         if page_budget is not None and not 0 < page_budget <= 1:
@@ -202,6 +210,7 @@ class MemorizingConfig(PretrainedConfig):
         self.combine = combine
         self.gate_init = float(gate_init)
         self.memory_scale_init = memory_scale_init
+        self.memory_score_bias = float(memory_score_bias)
         self.sink_tokens = sink_tokens
         self.never_store_token_ids = list(never_store_token_ids)
         self.rotary_placement = rotary_placement

@@ -56,6 +56,8 @@ def test_round_trip_through_dict_and_auto_config(tmp_path) -> None:
         ({"memory_dtype": "int8"}, "Unknown memory_dtype"),
         ({"sink_tokens": -1}, "sink_tokens must be"),
         ({"xl_sink_tokens": 1.5}, "xl_sink_tokens must be"),
+        ({"memory_score_bias": float("nan")}, "memory_score_bias must be a finite number"),
+        ({"page_budget": 0}, "page_budget must be in (0, 1]"),
     ],
 )
 def test_bad_values_raise_clear_errors(kwargs: dict, message: str) -> None:

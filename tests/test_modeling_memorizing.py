@@ -77,7 +77,7 @@ def _naive_reference(
         local_scores = (q_local @ k_local.transpose(2, 3) * attention.scaling).masked_fill(~causal, float("-inf"))
         knn = model.knn_attention[str(layer)]
         if model.config.combine == "joint":
-            memory_scores = q_mem @ k_mem.transpose(2, 3) * attention.scaling
+            memory_scores = q_mem @ k_mem.transpose(2, 3) * attention.scaling + model.config.memory_score_bias
             probs = torch.softmax(torch.cat([local_scores, memory_scores], -1), -1)
             out = probs[..., :tokens] @ v_local + probs[..., tokens:] @ v_mem
         else:
@@ -100,8 +100,9 @@ def test_exact_retrieval_equals_naive_full_attention_over_memory(
     config = TINY_CONFIGS["llama"]()
     config.num_key_value_heads = kv_heads
     base = transformers.AutoModelForCausalLM.from_config(config).eval()
+    bias = 1.5 if kv_heads == 2 else 0.0  # joint mode's memory_score_bias (gate mode ignores it)
     model = MemorizingForCausalLM.from_base_pretrained(
-        base, memory_layers=[1], memory_size=64, memory_top_k=64, combine=combine
+        base, memory_layers=[1], memory_size=64, memory_top_k=64, combine=combine, memory_score_bias=bias
     )
     if combine == "gate":  # distinct per-head parameters, so a head mix-up would show
         with torch.no_grad():
