@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from memorizing_experiments.benchmarks import ivf_nlist, recall, write_results
+from memorizing_experiments.benchmarks import ivf_nlist, recall, retrieval_approx_markdown, write_results
 from memorizing_experiments.real_keys import CHECKPOINTS, cache_file, real_keys
 from memorizing_hf.retrieval import ExactBackend
 from memorizing_hf.retrieval_faiss import FaissBackend
@@ -127,50 +127,6 @@ def measure(n: int, keys_all: torch.Tensor, queries: torch.Tensor, args: argpars
     return row
 
 
-def markdown(data: dict) -> str:
-    """The tables of `docs/performance.md`'s approximate-recall section, from this script's JSON."""
-    info = data["info"]
-    lines = [
-        f"Command: `{info['command']}` — {info['threads']} thread(s), faiss {info['faiss']}, keys: {info['keys']}; "
-        f"started {info['started']}, load average before {_load(info['load_average_before'])}, after "
-        f"{_load(info['load_average_after'])}. Every method timed once per round in {info['reps']} interleaved rounds "
-        f"(after {info['warmup']} warm-up); speed-up = median over rounds of exact time / method time.",
-        "",
-        "| entries | method | setting | recall@32 | same ids | speed-up vs exact | build s | load (before/after) |",
-        "|---:|---|---|---:|---:|---:|---:|---|",
-    ]
-    best = []
-    for row in data["results"]:
-        size = _size(row["n"])
-        load = f"{_load(row['load_average_before'])} / {_load(row['load_average_after'])}"
-        ok = []
-        for entry in row["methods"].values():
-            build = "" if entry["build_s"] is None else f"{entry['build_s']:.1f}"
-            lines.append(
-                f"| {size} | {entry['method']} | {entry['setting']} | {entry['recall']:.4f} | "
-                f"{entry['recall_ids']:.4f} | {entry['speedup_vs_exact']:.2f} | {build} | {load} |"
-            )
-            if entry["recall"] >= 0.95 and "exact" not in (entry["method"] + entry["setting"]):
-                ok.append(entry)
-        if ok:
-            top = max(ok, key=lambda e: e["speedup_vs_exact"])
-            best.append(
-                f"- {size}: fastest setting with recall@32 ≥ 0.95: {top['method']} {top['setting']} "
-                f"({top['speedup_vs_exact']:.2f}x exact, recall {top['recall']:.4f})"
-            )
-        else:
-            best.append(f"- {size}: no measured setting reaches recall@32 ≥ 0.95")
-    return "\n".join(lines + [""] + best) + "\n"
-
-
-def _load(load: list[float]) -> str:
-    return "/".join(f"{x:.1f}" for x in load)
-
-
-def _size(n: int) -> str:
-    return f"{n // 1048576}M" if n >= 1048576 else f"{n // 1024}K"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[65536, 262144, 1048576])
@@ -189,7 +145,7 @@ def main() -> None:
     if args.markdown:
         import json
 
-        print(markdown(json.loads(Path(args.markdown).read_text())))
+        print(retrieval_approx_markdown(json.loads(Path(args.markdown).read_text())))
         return
     torch.set_num_threads(args.threads)
     import faiss
@@ -216,7 +172,7 @@ def main() -> None:
     results = [measure(n, tensors["keys"], tensors[f"queries.{n}"], args) for n in sizes]
     info["load_average_after"] = os.getloadavg()
     write_results(args.out, info, results)
-    print(markdown({"info": info, "results": results}))
+    print(retrieval_approx_markdown({"info": info, "results": results}))
 
 
 if __name__ == "__main__":

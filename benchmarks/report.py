@@ -12,20 +12,19 @@ import argparse
 import json
 from pathlib import Path
 
+from memorizing_experiments.benchmarks import (
+    load_label,
+    reading_markdown,
+    retrieval_approx_markdown,
+    size_label,
+)
+
 TARGET_RATIO = {8192: 1.10, 65536: 1.25, 262144: 1.4}
 
 
 def load(folder: Path, name: str) -> dict | None:
     path = folder / name
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def fmt_load(load) -> str:
-    return "/".join(f"{x:.1f}" for x in load) if load else "?"
-
-
-def size_label(n: int) -> str:
-    return f"{n // 1024}K" if n < 2**20 else f"{n / 2**20:g}M"
 
 
 RECALL: dict[tuple[int, int], float] = {}  # (entries, nprobe) -> IVF recall@32 on normalised real keys (gate mode)
@@ -59,14 +58,14 @@ def training_section(data: dict, plots: Path, lines: list[str], png: str = "perf
     lines += [
         f"Command: `{info['command']}` — {info['threads']} torch thread(s), batch {info['batch']} x {info['segment']}"
         f" tokens, k={info['top_k']}, started {info['started']}, load average (1/5/15 min) before "
-        f"{fmt_load(info['load_average_before'])}, after {fmt_load(info['load_average_after'])}.",
+        f"{load_label(info['load_average_before'])}, after {load_label(info['load_average_after'])}.",
         "",
     ]
     for model, rows in results.items():
         if model == "comparison" or not isinstance(rows, dict) or "off" not in rows:
             continue
         lines += [
-            f"**{model}** (load after this model: {fmt_load(rows.get('load_average_after'))}; "
+            f"**{model}** (load after this model: {load_label(rows.get('load_average_after'))}; "
             f"wall {rows.get('wall_s', 0):.0f} s)",
             "",
             "| configuration | backend | median step s | ratio to off | paired ratio | added s | target | met |",
@@ -143,8 +142,8 @@ def scale_section(data: dict, plots: Path, lines: list[str]) -> None:
     mm = info["matmul_gflops"]
     lines += [
         f"Command: `{info['command']}` — {info['threads']} thread(s), faiss {info['faiss']}, keys: {info['keys']}; "
-        f"started {info['started']}, load average before {fmt_load(info['load_average_before'])}, after "
-        f"{fmt_load(info['load_average_after'])}. Sizes without real keys (not measured): "
+        f"started {info['started']}, load average before {load_label(info['load_average_before'])}, after "
+        f"{load_label(info['load_average_after'])}. Sizes without real keys (not measured): "
         f"{', '.join(size_label(n) for n in info['skipped_sizes_no_real_keys']) or 'none'}.",
         "",
         f"Dense matmul 2048³ in the same run: fp32 {mm['float32']:.1f} GFLOP/s, bf16 {mm['bfloat16']:.1f} GFLOP/s "
@@ -161,7 +160,7 @@ def scale_section(data: dict, plots: Path, lines: list[str]) -> None:
             f"| {size_label(row['n'])} | {ex['median_s']:.3f} | {ex['gflops']:.1f} | "
             f"{100 * ex['fraction_of_fp32_matmul']:.0f}% | {100 * ex['fraction_of_bf16_matmul']:.0f}% | "
             f"{row['plain_matmul_topk']['median_s']:.3f} | {st['bytes_per_token']:.0f} | {st['ratio_to_raw']:.3f} | "
-            f"{fmt_load(row['load_average'])} |"
+            f"{load_label(row['load_average'])} |"
         )
     lines += [
         "",
@@ -246,7 +245,7 @@ def rss_section(data: dict, plots: Path, lines: list[str]) -> None:
     fit, info = data["fit"], data["info"]
     lines += [
         f"Command: `{info['command']}` — one process per size, backend {info['backend']}, geometry {info['geometry']}, "
-        f"started {info['started']}, load average {fmt_load(info['load_average'])}.",
+        f"started {info['started']}, load average {load_label(info['load_average'])}.",
         "",
         "| entries | RSS before memory MiB | after fill MiB | peak (fill + one search) MiB | storage MiB | search s |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -325,7 +324,7 @@ def generation_section(data: dict | None, lines: list[str]) -> None:
         f"`benchmarks/bench_generation.py --repeats {info['repeats']}`: greedy, batch 1, {info['prompt_tokens']}-token "
         f"prompt, {info['new_tokens']} new tokens, {info['memory']}, {info['threads']} thread(s); medians over all "
         "decoding steps; the base model (no memory layers) runs right before every setting. Load "
-        f"{fmt_load(info['load_average_before'])} before, {fmt_load(info['load_average_after'])} after.",
+        f"{load_label(info['load_average_before'])} before, {load_label(info['load_average_after'])} after.",
         "",
         "| setting | entries in memory | ms / token | vs base | target ≤1.2x at 65K |",
         "|---|---:|---:|---:|:-:|",
@@ -382,6 +381,13 @@ def main() -> None:
             section(data, out.parent, lines, png=f"performance_{Path(name).stem}.png")
         else:
             section(data, out.parent, lines)
+    for title, name, render in (
+        ("Reading throughput with a memory of N entries (SmolLM2-135M)", "reading.json", reading_markdown),
+        ("Approximate retrieval that keeps recall: MIPS -> L2 faiss indexes and the page backend, on real keys",
+         "retrieval_approx.json", retrieval_approx_markdown),
+    ):
+        data = load(folder, name)
+        lines += [f"## {title}", "", render(data) if data else f"Not measured (no `{folder / name}`).", ""]
     retrieval = load(folder, "retrieval.json")
     if retrieval:
         info = retrieval["info"]
@@ -389,7 +395,7 @@ def main() -> None:
             "## Exact retrieval micro-benchmark (random keys)",
             "",
             f"`benchmarks/bench_retrieval.py`: {info['threads']} thread(s), load average before "
-            f"{fmt_load(info['load_average_before'])}; dense fp32 matmul {info['matmul_2048_gflops']:.1f} GFLOP/s.",
+            f"{load_label(info['load_average_before'])}; dense fp32 matmul {info['matmul_2048_gflops']:.1f} GFLOP/s.",
             "",
             "| entries | exact s | plain matmul+topk s | faiss flat s | exact GFLOP/s |",
             "|---:|---:|---:|---:|---:|",
@@ -419,7 +425,7 @@ def main() -> None:
                 f"| {size_label(row['n'])} | {row['keys']} | {row['exact_s']:.2f} | {row['exact_gflops']:.1f} | "
                 f"{row['fp32_gflops']:.1f} | {row['bf16_gflops']:.1f} | {100 * row['fraction_of_fp32']:.0f}% | "
                 f"{100 * row['fraction_of_bf16']:.0f}% | {'yes' if row['fraction_of_fp32'] >= 0.5 else 'no'} | "
-                f"{fmt_load(row['load_average'])} |"
+                f"{load_label(row['load_average'])} |"
             )
         lines.append("")
     generation_section(load(folder, "generation.json"), lines)

@@ -59,3 +59,75 @@ def recall(
 def ivf_nlist(n: int) -> int:
     """IVF lists for `n` entries: the power of two at or below 2 sqrt(n), at least 16."""
     return 1 << max(int(2 * n**0.5).bit_length() - 1, 4)
+
+
+def load_label(load: list[float] | None) -> str:
+    """A load average triple as `1.0/1.2/1.3`."""
+    return "/".join(f"{x:.1f}" for x in load) if load else "?"
+
+
+def size_label(n: int) -> str:
+    """Entries as `8K`, `256K`, `1M`."""
+    return f"{n // 1024}K" if n < 2**20 else f"{n / 2**20:g}M"
+
+
+def retrieval_approx_markdown(data: dict) -> str:
+    """The tables of `docs/performance.md`'s approximate-recall section, from this script's JSON."""
+    info = data["info"]
+    lines = [
+        f"Command: `{info['command']}` — {info['threads']} thread(s), faiss {info['faiss']}, keys: {info['keys']}; "
+        f"started {info['started']}, load average before {load_label(info['load_average_before'])}, after "
+        f"{load_label(info['load_average_after'])}. Every method timed once per round in {info['reps']} interleaved "
+        f"rounds (after {info['warmup']} warm-up); speed-up = median over rounds of exact time / method time.",
+        "",
+        "| entries | method | setting | recall@32 | same ids | speed-up vs exact | build s | load (before/after) |",
+        "|---:|---|---|---:|---:|---:|---:|---|",
+    ]
+    best = []
+    for row in data["results"]:
+        size = size_label(row["n"])
+        load = f"{load_label(row['load_average_before'])} / {load_label(row['load_average_after'])}"
+        ok = []
+        for entry in row["methods"].values():
+            build = "" if entry["build_s"] is None else f"{entry['build_s']:.1f}"
+            lines.append(
+                f"| {size} | {entry['method']} | {entry['setting']} | {entry['recall']:.4f} | "
+                f"{entry['recall_ids']:.4f} | {entry['speedup_vs_exact']:.2f} | {build} | {load} |"
+            )
+            if entry["recall"] >= 0.95 and "exact" not in (entry["method"] + entry["setting"]):
+                ok.append(entry)
+        if ok:
+            top = max(ok, key=lambda e: e["speedup_vs_exact"])
+            best.append(
+                f"- {size}: fastest setting with recall@32 ≥ 0.95: {top['method']} {top['setting']} "
+                f"({top['speedup_vs_exact']:.2f}x exact, recall {top['recall']:.4f})"
+            )
+        else:
+            best.append(f"- {size}: no measured setting reaches recall@32 ≥ 0.95")
+    return "\n".join(lines + [""] + best) + "\n"
+
+
+def reading_markdown(data: dict) -> str:
+    """`bench_reading.py`'s results as a markdown table (rows: configurations; ratios: time / the baseline's, per
+    round, median)."""
+    info = data["info"]
+    segment = info.get("segment", 512)
+    lines = [
+        f"Command: `{info['command']}` — {info['threads']} thread(s), torch {info['torch']}, transformers "
+        f"{info['transformers']}; {info['reps']} interleaved rounds per N (after {info['warmup']} warm-up), "
+        f"{segment}-token segments; load average before {load_label(info['load_average_before'])}, after "
+        f"{load_label(info['load_average_after'])}. × = time / baseline time of the same round (median over rounds): "
+        f"window = base model on the previous {segment} + the segment's {segment} tokens (same local context), "
+        f"bare = base model on the segment alone.",
+        "",
+        "| layers | combine | backend | N | s/segment | tokens/s | × no-memory (window) | × bare segment | load |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for group in data["results"]:
+        load = f"{load_label(group['load_average_before'])} / {load_label(group['load_average_after'])}"
+        for row in group["rows"]:
+            lines.append(
+                f"| {row['layers']} | {row['combine']} | {row['backend']} | {row['n']:,} | {row['median_s']:.3f} | "
+                f"{row['tokens_per_s']:.0f} | {row['x_window']:.2f} | {row['x_bare']:.2f} | {load} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -10,8 +10,11 @@ standard-library module in 512-token segments.
    thousands of tokens earlier, in a local window that holds nothing else, and guesses their signatures and
    docstrings token by token (each guess given the real text before it), with that memory and with empty memory.
    Then `generate()` writes one of them on its own (greedy), compared with the module's real text.
+3. Passkey: a 5-digit key hidden early in `--passkey-tokens` of filler, asked for at the end. `generate()` streams the
+   prompt through a 1024-token window into a fresh memory and answers; the base model, given the last 1024 tokens
+   (what fits its window), answers too.
 
-Run: `python -m memorizing_experiments.demo [--module typing] [--tokens 12288] [--layers 16-24]`.
+Run: `python -m memorizing_experiments.demo [--module typing] [--tokens 12288] [--layers 16-24] [--passkey-tokens N]`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from memorizing_hf import MemorizingForCausalLM
 from memorizing_hf.cli import parse_layers
 from memorizing_hf.evaluation import streaming_perplexity
 
+from .passkey import found, passkey_prompt
 from .sources import smollm2_path, stdlib_path
 
 LEAD_IN = 48  # prompt tokens: the lines just before the definition
@@ -122,6 +126,25 @@ def recall(model: MemorizingForCausalLM, tokenizer, ids: torch.Tensor, cuts: lis
         print(tokenizer.decode(generated))
 
 
+def passkey(model: MemorizingForCausalLM, base, tokenizer, length: int, depth: float, window: int) -> None:
+    """Part 3: the passkey, answered with a fresh memory and by the base model on its last `window` tokens."""
+    prompt = passkey_prompt(tokenizer, length, depth, seed=length)
+    ids = torch.tensor([prompt.ids])
+    settings = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
+    print(f"\nPasskey: key {prompt.key} hidden {prompt.distance()} tokens before the end of {ids.shape[1]} tokens")
+    start_time = time.perf_counter()
+    mask = torch.ones_like(ids)
+    answer = model.generate(ids, attention_mask=mask, window=window, memory=model.new_memory(), **settings)
+    memory_answer, memory_seconds = tokenizer.decode(answer[0, ids.shape[1] :]), time.perf_counter() - start_time
+    tail = torch.cat([ids[:, :1], ids[:, -window + 1 :]], dim=1)  # the first token (a sink) and the window's last ones
+    answer = base.generate(tail, attention_mask=torch.ones_like(tail), **settings)
+    window_answer = tokenizer.decode(answer[0, tail.shape[1] :])
+    answers = ((f"with memory ({memory_seconds:.0f}s)", memory_answer), (f"{window}-token window", window_answer))
+    for label, text in answers:
+        verdict = "right" if found(text, prompt.key) else "wrong"
+        print(f"  {label:<28} {text.strip()!r:<40} {verdict}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", default="typing", help="CPython standard-library module to read")
@@ -129,6 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--segment", type=int, default=512, help="segment length (local context)")
     parser.add_argument("--layers", type=parse_layers, default=parse_layers("16-24"), help="memory layers")
     parser.add_argument("--top-k", type=int, default=32)
+    parser.add_argument(
+        "--memory-score-bias", type=float, default=1.0, help="joint mode's bias on retrieved scores (parts 2 and 3)"
+    )
+    parser.add_argument("--passkey-tokens", type=int, default=32768, help="passkey prompt length (0: no passkey)")
+    parser.add_argument("--passkey-depth", type=float, default=0.1, help="where the key is hidden (0: start, 1: end)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
@@ -136,7 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model = MemorizingForCausalLM.from_base_pretrained(
-        base, memory_layers=args.layers, combine="joint", memory_size=65536, memory_top_k=args.top_k
+        base,
+        memory_layers=args.layers,
+        combine="joint",
+        memory_size=65536,
+        memory_top_k=args.top_k,
     )
     source = stdlib_path(args.module)
     text = source.read_text(encoding="utf-8")
@@ -150,7 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     if not cuts:
         print(f"\n(no top-level function with a docstring in the first half of {source.name}: recall skipped)")
         return
+    model.config.memory_score_bias = args.memory_score_bias
+    print(f"\nParts 2 and 3: retrieved entries weigh exp({args.memory_score_bias:g}) more against the local window.")
     recall(model, tokenizer, ids, cuts, window=args.segment)
+    if args.passkey_tokens:
+        passkey(model, base, tokenizer, args.passkey_tokens, args.passkey_depth, window=2 * args.segment)
 
 
 if __name__ == "__main__":

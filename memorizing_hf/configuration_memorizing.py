@@ -78,7 +78,9 @@ class MemorizingConfig(PretrainedConfig):
         memory_score_bias (`float`, *optional*, defaults to 0.0):
             Joint mode: added to the scaled scores of the retrieved entries in the shared softmax, i.e. multiplies
             their weight against the local keys by exp(bias). Zero-shot, a few retrieved entries compete with a
-            whole window of local keys; a bias of about 1 lets a retrieved fact win (docs/results.md, recall).
+            whole window of local keys; a bias of about 1 lets a retrieved fact win, at a small cost in perplexity
+            (docs/results.md, long-context recall). Read at every call: `model.config.memory_score_bias = 1.0` applies
+            at once.
         sink_tokens (`int`, *optional*, defaults to 1):
             Number of tokens at the start of every segment (and so of every document) that are never written to
             memory. These are attention sinks: stored, every query retrieves them and memory hurts.

@@ -135,7 +135,7 @@ class KNNAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.query_offset = config.memory_query_offset
-        self.score_bias = config.memory_score_bias
+        self.config = config  # memory_score_bias is read at every call: it may be changed on a loaded model
         if self.combine == "gate":
             scale = config.memory_scale_init or math.sqrt(head_dim)
             self.gate_bias = nn.Parameter(torch.full((self.num_heads,), config.gate_init))
@@ -287,8 +287,8 @@ class KNNAttention(nn.Module):
         local, memory = local * scaling, memory * scaling
         if softcap is not None:
             local, memory = torch.tanh(local / softcap) * softcap, torch.tanh(memory / softcap) * softcap
-        if self.score_bias:
-            memory = memory + self.score_bias
+        if self.config.memory_score_bias:
+            memory = memory + self.config.memory_score_bias
         local = local + _additive_mask(attention_mask, tokens, local_keys, local)
         memory = memory.masked_fill(~valid.reshape(batch, heads, tokens, -1), float("-inf"))
         top = torch.maximum(local.amax(-1, keepdim=True), memory.amax(-1, keepdim=True)).detach()

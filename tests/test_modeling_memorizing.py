@@ -396,3 +396,18 @@ def test_several_memory_layers_each_read_only_what_earlier_segments_wrote(token_
         torch.testing.assert_close(model(first, memory_reset=torch.ones(2, dtype=torch.bool)).logits, alone)
         assert model.memory.entries() == {0: [15, 15], 2: [15, 15]}
         assert not torch.allclose(model(second).logits, tiny_base("llama")(second).logits, atol=1e-4)
+
+
+def test_memory_score_bias_set_on_a_built_model_applies_at_once(token_ids) -> None:
+    first, second = token_ids(seed=1), token_ids(seed=2)
+    built = tiny_memorizing("llama", combine="joint", memory_score_bias=1.0).eval()
+    changed = tiny_memorizing("llama", combine="joint").eval()
+    logits = {}
+    for name, model in (("built", built), ("changed", changed)):
+        model(first, update_memory=True)
+        if name == "changed":
+            before = model(second).logits
+            model.config.memory_score_bias = 1.0
+        logits[name] = model(second).logits
+    torch.testing.assert_close(logits["changed"], logits["built"])
+    assert not torch.allclose(before, logits["changed"])
