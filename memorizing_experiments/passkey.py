@@ -40,9 +40,10 @@ def passkey_prompt(tokenizer, length: int, depth: float, seed: int) -> Passkey:
 
     header, filler, question = encode(HEADER), encode(FILLER), encode(QUESTION)
     line = encode(KEY_LINE.format(key=key))
-    repeats = (length - len(header) - len(line) - len(question)) // len(filler)
+    fixed = len(header) + len(line) + len(question)
+    repeats = (length - fixed) // len(filler)
     if repeats < 1:
-        raise ValueError(f"length {length} is too short for a passkey prompt (at least {len(header) + 100} tokens)")
+        raise ValueError(f"length {length} is too short for a passkey prompt (at least {fixed + len(filler)} tokens)")
     before = round(depth * repeats)
     ids = header + filler * before + line + filler * (repeats - before) + question
     return Passkey(ids, key, len(header) + len(filler) * before)
