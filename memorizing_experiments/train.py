@@ -3,7 +3,7 @@
     python training/train.py configs/tiny_smoke.yaml [section.key=value ...]
     accelerate launch --config_file configs/accelerate/ddp.yaml training/train.py configs/smollm2_stdlib.yaml
 
-A recipe has four sections (training/README.md explains them with the recipes in configs/):
+A recipe has four sections, and an optional fifth (training/README.md explains them with the recipes in configs/):
 
     model:    pretrained: smollm2 or a local checkpoint folder  |  config: a transformers config, trained from scratch
               tokenizer: bytes, smollm2 or a folder (default: the pretrained model's)
@@ -17,6 +17,9 @@ A recipe has four sections (training/README.md explains them with the recipes in
               segment_length; max_documents, min_tokens, max_tokens, documents_per_source; eval_documents (held out,
               by document); shuffle
     training: TrainingArguments fields (output_dir, max_steps, per_device_train_batch_size, learning_rate, ...)
+    peft:     peft.LoraConfig fields (r, target_modules, lora_alpha, ...): LoRA adapters added to the memorizing model
+              after conversion; modules_to_save defaults to the memory layers' modules (their gates and scales),
+              everything else is frozen. The adapter is saved in output_dir (and in every checkpoint).
 
 Overrides on the command line use the same names: `training.max_steps=10 data.source=./my_texts`.
 """
@@ -49,7 +52,7 @@ from transformers import (
 )
 
 from memorizing_hf import MemorizingConfig, MemorizingForCausalLM
-from memorizing_hf.callbacks import MemorizingTrainer
+from memorizing_hf.callbacks import MemorizingTrainer, memorizing_model
 from memorizing_hf.data import DocumentStreams, collate_segments, tokenize_documents
 
 from . import sources
@@ -71,6 +74,7 @@ DEFAULTS = {
         "shuffle": True,
     },
     "training": {"report_to": "none", "prediction_loss_only": True},
+    "peft": {},
 }
 ALLOWED = {
     "model": set(DEFAULTS["model"]),
@@ -78,6 +82,7 @@ ALLOWED = {
     | {"learning_rate"},
     "data": set(DEFAULTS["data"]),
     "training": {field.name for field in dataclasses.fields(TrainingArguments) if field.init},
+    "peft": None,  # the fields of peft.LoraConfig, read when a recipe has a peft section (peft is optional)
 }
 
 
@@ -89,19 +94,25 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, dict[s
         section, dot, name = key.partition(".")
         if not equals or not dot:
             raise ValueError(f"Override {override!r} is not of the form section.key=value.")
-        parsed = yaml.safe_load(value)
-        # YAML 1.1 reads no/yes/on/off as booleans; on a command line they are words (eval_strategy=no)
-        keep_word = isinstance(parsed, bool) and value.strip().lower() not in ("true", "false")
-        recipe.setdefault(section, {})[name] = value.strip() if keep_word else parsed
+        recipe.setdefault(section, {})[name] = parse_value(value)
     config = {section: dict(values) for section, values in DEFAULTS.items()}
     for section, values in recipe.items():
         if section not in ALLOWED:
             raise ValueError(f"{path}: unknown section {section!r}; the sections are {', '.join(ALLOWED)}.")
+        allowed = ALLOWED[section] if section != "peft" or not values else lora_fields()
         for key, value in (values or {}).items():
-            if key not in ALLOWED[section]:
-                raise ValueError(f"{path}: unknown key {section}.{key}{_suggestion(key, ALLOWED[section], section)}")
+            if key not in allowed:
+                raise ValueError(f"{path}: unknown key {section}.{key}{_suggestion(key, allowed, section)}")
             config[section][key] = value
     return config
+
+
+def parse_value(value: str) -> Any:
+    """A command-line value read as YAML (`[4096, 8192]`, `1e-4`, `null`), except that the words YAML 1.1 reads as
+    booleans (no/yes/on/off) stay words (eval_strategy=no)."""
+    parsed = yaml.safe_load(value)
+    keep_word = isinstance(parsed, bool) and value.strip().lower() not in ("true", "false")
+    return value.strip() if keep_word else parsed
 
 
 def _suggestion(key: str, allowed: set[str], section: str) -> str:
@@ -109,7 +120,30 @@ def _suggestion(key: str, allowed: set[str], section: str) -> str:
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""
     if section == "training":
         return f"{hint}; training takes the fields of transformers.TrainingArguments."
+    if section == "peft":
+        return f"{hint}; peft takes the fields of peft.LoraConfig."
     return f"{hint}; allowed in {section}: {', '.join(sorted(allowed))}."
+
+
+def lora_fields() -> set[str]:
+    """The keys a recipe's peft section may have: the fields of peft.LoraConfig."""
+    try:
+        import peft
+    except ImportError as error:
+        raise ValueError("A recipe with a peft section needs the peft package: pip install peft.") from error
+    return {field.name for field in dataclasses.fields(peft.LoraConfig) if field.init}
+
+
+def add_lora(model: PreTrainedModel, spec: dict[str, Any]):
+    """`model` wrapped by peft with LoRA adapters (`spec`: peft.LoraConfig fields); unless `spec` says otherwise,
+    the memory layers' own modules (gates, scales) are in modules_to_save, so they train beside the adapters. PEFT
+    freezes every other parameter."""
+    import peft
+
+    spec = dict(spec)
+    if isinstance(model, MemorizingForCausalLM):
+        spec.setdefault("modules_to_save", model.memory_module_names())
+    return peft.get_peft_model(model, peft.LoraConfig(**spec))
 
 
 def load_tokenizer(name: str):
@@ -119,12 +153,17 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(sources.smollm2_path() if name == "smollm2" else name)
 
 
-def build_model(spec: dict[str, Any], memory: dict[str, Any]) -> tuple[PreTrainedModel, Any]:
+def build_model(
+    spec: dict[str, Any], memory: dict[str, Any], lora: dict[str, Any] | None = None
+) -> tuple[PreTrainedModel, Any]:
     """The memorizing model (pretrained or from scratch, then partly frozen) and its tokenizer; with
-    `memory_layers: []`, the base model itself (no memory)."""
+    `memory_layers: []`, the base model itself (no memory); with `lora` (a recipe's peft section), the model with
+    LoRA adapters (a peft.PeftModel)."""
     pretrained, config = spec["pretrained"], spec["config"]
     if (pretrained is None) == (config is None):
         raise ValueError("model: give exactly one of pretrained (smollm2 or a folder) or config (from scratch).")
+    if lora and spec["trainable"] is not None:
+        raise ValueError("model.trainable and peft exclude each other: with LoRA, PEFT decides what trains.")
     tokenizer = load_tokenizer(spec["tokenizer"] or pretrained)
     if pretrained is not None:
         path = sources.smollm2_path() if pretrained == "smollm2" else pretrained
@@ -145,6 +184,8 @@ def build_model(spec: dict[str, Any], memory: dict[str, Any]) -> tuple[PreTraine
         model = MemorizingForCausalLM.from_base_pretrained(base, **memory).train()
     if trainable is not None:
         freeze_all_but(model, trainable)
+    if lora:
+        model = add_lora(model, lora)
     return model, tokenizer
 
 
@@ -231,7 +272,7 @@ def build_trainer(config: dict[str, dict[str, Any]]) -> Trainer:
     args = TrainingArguments(**config["training"])
     set_seed(args.seed)
     with args.main_process_first(desc="fetching the model and the documents"):
-        model, tokenizer = build_model(config["model"], config["memory"])
+        model, tokenizer = build_model(config["model"], config["memory"], config["peft"])
         train, evaluation, held_out = build_data(config["data"], tokenizer, args)
     if args.should_save:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -251,7 +292,7 @@ def build_trainer(config: dict[str, dict[str, Any]]) -> Trainer:
         "data_collator": collate_segments,
         "callbacks": [StepTimes()],
     }
-    if not isinstance(model, MemorizingForCausalLM):
+    if not isinstance(memorizing_model(model), MemorizingForCausalLM):
         return Trainer(**kwargs)
     return MemorizingTrainer(**kwargs, memory_learning_rate=config["memory"].get("learning_rate"))
 

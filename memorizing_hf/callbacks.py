@@ -222,7 +222,9 @@ class MemorizingTrainer(Trainer):
             logs[f"memory/layer_{layer}/fill"] = fill
         for layer, module in model.knn_attention.items():
             if module.combine == "gate":
-                for head, gate in enumerate(torch.sigmoid(module.gate_bias.detach().float()).tolist()):
+                bias = module.gate_bias.detach()
+                bias = bias.full_tensor() if hasattr(bias, "full_tensor") else bias  # FSDP2 shards it (a DTensor)
+                for head, gate in enumerate(torch.sigmoid(bias.float()).tolist()):
                     logs[f"memory/layer_{layer}/gate_head_{head}"] = gate
         for layer, shares in self._memory_shares.items():
             for head, share in enumerate(np.mean(shares, axis=0).tolist()):

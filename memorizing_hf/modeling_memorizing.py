@@ -521,11 +521,12 @@ class MemorizingModel(MemorizingPreTrainedModel):
                     pretrained_model_name_or_path, return_unused_kwargs=True, **_hub_kwargs(kwargs)
                 )
             kwargs["config"] = config.with_memory_settings(**overrides)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
         tie_weights_left_unloaded(model.language_model)
         if memory_file is not None:
             model.load_memory(memory_file, **_hub_kwargs(kwargs))
-        return model
+        return loaded
 
     # -- the usual accessors, delegated to the base model
     def get_input_embeddings(self) -> nn.Module:
@@ -626,7 +627,13 @@ class MemorizingModel(MemorizingPreTrainedModel):
         """`PreTrainedModel.save_pretrained`; `save_memory=True` also writes `model.memory` beside the weights
         (`memory.safetensors`, loaded with `from_pretrained(..., memory_file="memory.safetensors")`). A filled memory
         that is not saved is named in a warning: it is not part of the weights."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+        wrapped = self.__class__  # FSDP2 swaps in a subclass defined in torch: save (code, auto_map) as the class below
+        if wrapped.__module__.startswith("torch."):
+            self.__class__ = next(cls for cls in wrapped.__mro__ if not cls.__module__.startswith("torch."))
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = wrapped
         if save_memory:
             self.save_memory(Path(save_directory) / MEMORY_FILE_NAME)
         elif not self.memory.is_empty():

@@ -411,3 +411,10 @@ def test_memory_score_bias_set_on_a_built_model_applies_at_once(token_ids) -> No
         logits[name] = model(second).logits
     torch.testing.assert_close(logits["changed"], logits["built"])
     assert not torch.allclose(before, logits["changed"])
+
+
+def test_from_pretrained_can_return_its_loading_info(tmp_path, token_ids) -> None:
+    tiny_memorizing("llama").save_pretrained(tmp_path)
+    model, info = MemorizingForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(model, MemorizingForCausalLM) and not info["missing_keys"]
+    model(token_ids(seed=1))

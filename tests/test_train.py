@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from memorizing_experiments import evaluate, train
+from memorizing_experiments import evaluate, long_context, train
 from memorizing_hf import MemorizingForCausalLM
 from memorizing_hf.data import DocumentStreams, load_documents, tokenize_documents
 
@@ -90,7 +90,11 @@ def tiny_recipe(tmp_path: Path, **changes: dict) -> Path:
 def test_every_shipped_recipe_is_valid() -> None:
     files = sorted((ROOT / "configs").glob("*.yaml"))
     suites = [path for path in files if "models" in yaml.safe_load(path.read_text())]  # training/evaluate.py's
-    recipes = [path for path in files if path not in suites]
+    recall = [path for path in files if "tasks" in yaml.safe_load(path.read_text())]  # training/long_context.py's
+    recipes = [path for path in files if path not in suites + recall]
+    assert [path.name for path in recall] == ["long_context.yaml"]
+    for path in recall:
+        assert long_context.load_suite(path)["settings"]
     assert {path.name for path in recipes} >= {"tiny_smoke.yaml", "smollm2_stdlib.yaml"}
     assert {path.name for path in suites} == {"eval_table4.yaml", "eval_long_document.yaml", "eval_gate_zero_shot.yaml"}
     for path in recipes:
