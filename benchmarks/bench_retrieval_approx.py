@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--hnsw-m", type=int, nargs="+", default=[32])
+    parser.add_argument("--hnsw-m", type=int, nargs="*", default=[32], help="HNSW links (none: no HNSW)")
     parser.add_argument("--ef", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--page", type=int, nargs="+", default=[64])
     parser.add_argument("--budget", type=float, nargs="+", default=[0.0025, 0.005, 0.01, 0.02])

@@ -385,6 +385,8 @@ def main() -> None:
         ("Reading throughput with a memory of N entries (SmolLM2-135M)", "reading.json", reading_markdown),
         ("Approximate retrieval that keeps recall: MIPS -> L2 faiss indexes and the page backend, on real keys",
          "retrieval_approx.json", retrieval_approx_markdown),
+        ("Approximate retrieval at 256K and 1M entries (the same keys; no HNSW: its build takes minutes here)",
+         "retrieval_approx_large.json", retrieval_approx_markdown),
     ):
         data = load(folder, name)
         lines += [f"## {title}", "", render(data) if data else f"Not measured (no `{folder / name}`).", ""]
