@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--memory-score-bias", type=float, default=1.0, help="joint mode's bias on retrieved scores (parts 2 and 3)"
     )
-    parser.add_argument("--passkey-tokens", type=int, default=32768, help="passkey prompt length (0: no passkey)")
+    parser.add_argument("--passkey-tokens", type=int, default=8192, help="passkey prompt length (0: no passkey)")
     parser.add_argument("--passkey-depth", type=float, default=0.1, help="where the key is hidden (0: start, 1: end)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
