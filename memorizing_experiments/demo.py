@@ -126,6 +126,11 @@ def recall(model: MemorizingForCausalLM, tokenizer, ids: torch.Tensor, cuts: lis
         print(tokenizer.decode(generated))
 
 
+def window_tail(ids: list[int], sinks: int, window: int) -> list[int]:
+    """What local attention alone sees of a prompt: its first `sinks` tokens (attention sinks) and its last `window`."""
+    return ids[:sinks] + ids[-window:] if len(ids) > sinks + window else ids
+
+
 def passkey(model: MemorizingForCausalLM, base, tokenizer, length: int, depth: float, window: int) -> None:
     """Part 3: the passkey, answered with a fresh memory and by the base model on its last `window` tokens."""
     prompt = passkey_prompt(tokenizer, length, depth, seed=length)
@@ -136,7 +141,7 @@ def passkey(model: MemorizingForCausalLM, base, tokenizer, length: int, depth: f
     mask = torch.ones_like(ids)
     answer = model.generate(ids, attention_mask=mask, window=window, memory=model.new_memory(), **settings)
     memory_answer, memory_seconds = tokenizer.decode(answer[0, ids.shape[1] :]), time.perf_counter() - start_time
-    tail = torch.cat([ids[:, :1], ids[:, -window + 1 :]], dim=1)  # the first token (a sink) and the window's last ones
+    tail = torch.tensor([window_tail(prompt.ids, 1, window - 1)])  # a sink and the window's last tokens
     answer = base.generate(tail, attention_mask=torch.ones_like(tail), **settings)
     window_answer = tokenizer.decode(answer[0, tail.shape[1] :])
     answers = ((f"with memory ({memory_seconds:.0f}s)", memory_answer), (f"{window}-token window", window_answer))

@@ -68,7 +68,7 @@ from memorizing_hf import MemorizingForCausalLM
 from memorizing_hf.cli import parse_layers
 
 from . import sources
-from .demo import definition_cuts
+from .demo import definition_cuts, window_tail
 from .evaluate import machine
 from .passkey import found, passkey_prompt
 from .train import ALLOWED, parse_value
@@ -312,8 +312,8 @@ class Runner:
         model = self.base
         if spec["kind"] == "full" and self.positions and len(ids) > self.positions:
             return None
-        if spec["kind"] == "window" and len(ids) > spec["sinks"] + spec["window"]:
-            ids = ids[: spec["sinks"]] + ids[-spec["window"] :]
+        if spec["kind"] == "window":
+            ids = window_tail(ids, spec["sinks"], spec["window"])
         if spec["kind"] == "memory":
             model = self._memorizing(setting)
             options.update(window=spec["window"], memory=model.new_memory(), update_memory=False)
