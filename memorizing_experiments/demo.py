@@ -1,11 +1,13 @@
 """`make demo`: a real pretrained model reads a real long document, then uses what it read.
 
-SmolLM2-135M (fetched from PyPI and converted once, offline) is turned into a memorizing model in joint mode (no
-fine-tuning: the retrieved keys join the local softmax), with memory on layers 16-24, and reads a long CPython
-standard-library module in 512-token segments.
+SmolLM2-135M (fetched from PyPI and converted once, offline) is turned into a memorizing model in joint mode (the
+retrieved keys join the local softmax), with memory on layers 16-24 and the packaged memory adapter (one learned
+weight of retrieved entries per head, trained on other documents: training/memory_adapter.py; the base weights are
+untouched), and reads a long CPython standard-library module in 512-token segments.
 
-1. Perplexity of each segment given (A) the segment alone, (W) a recomputed 1024-token window, and (M) the segment
-   plus kNN memory of everything read before it; the same tokens are scored in every variant.
+1. Perplexity of each segment given (A) the segment alone, (W) a recomputed 1024-token window, and (M) what the
+   paper's model sees: the segment, the previous one (XL cache) and kNN memory of everything read before; the same
+   tokens are scored in every variant, so M - W is what memory adds to the same local context.
 2. Recall: with the whole module memorized, the model is shown the lines that lead into functions defined
    thousands of tokens earlier, in a local window that holds nothing else, and guesses their signatures and
    docstrings token by token (each guess given the real text before it), with that memory and with empty memory.
@@ -14,7 +16,8 @@ standard-library module in 512-token segments.
    prompt through a 1024-token window into a fresh memory and answers; the base model, given the last 1024 tokens
    (what fits its window), answers too.
 
-Run: `python -m memorizing_experiments.demo [--module typing] [--tokens 12288] [--layers 16-24] [--passkey-tokens N]`.
+Run: `python -m memorizing_experiments.demo [--module typing] [--tokens 12288] [--memory-adapter none]
+[--passkey-tokens N]`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .sources import smollm2_path, stdlib_path
 LEAD_IN = 48  # prompt tokens: the lines just before the definition
 NEW_TOKENS = 48  # tokens of each definition to guess or generate
 RECALLED = 8  # functions whose definitions part 2 checks
+ADAPTER = "smollm2-135m-recall"  # memorizing_hf/adapters/: trained by training/memory_adapter.py
 
 
 def perplexities(model: MemorizingForCausalLM, ids: torch.Tensor, segment: int) -> None:
@@ -43,7 +47,7 @@ def perplexities(model: MemorizingForCausalLM, ids: torch.Tensor, segment: int) 
     variants = [
         ("A  each segment alone", {"mode": "segment"}),
         (f"W  {2 * segment}-token window, recomputed", {"mode": "window", "window": 2 * segment}),
-        ("M  segment + kNN memory", {"mode": "memory", "memory": model.memory}),
+        ("M  XL cache + kNN memory", {"mode": "memory", "memory": model.memory}),
     ]
     results = {}
     for name, kwargs in variants:
@@ -155,11 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--module", default="typing", help="CPython standard-library module to read")
     parser.add_argument("--tokens", type=int, default=12288, help="how many tokens of it to read")
     parser.add_argument("--segment", type=int, default=512, help="segment length (local context)")
-    parser.add_argument("--layers", type=parse_layers, default=parse_layers("16-24"), help="memory layers")
+    parser.add_argument("--memory-adapter", default=ADAPTER, help="a packaged name or a folder; none: zero-shot")
+    parser.add_argument("--layers", type=parse_layers, help="memory layers (default: the adapter's, or 16-24)")
     parser.add_argument("--top-k", type=int, default=32)
-    parser.add_argument(
-        "--memory-score-bias", type=float, default=1.0, help="joint mode's bias on retrieved scores (parts 2 and 3)"
-    )
+    parser.add_argument("--memory-score-bias", type=float, default=0.0, help="joint mode's bias on retrieved scores")
     parser.add_argument("--passkey-tokens", type=int, default=8192, help="passkey prompt length (0: no passkey)")
     parser.add_argument("--passkey-depth", type=float, default=0.1, help="where the key is hidden (0: start, 1: end)")
     args = parser.parse_args(argv)
@@ -168,27 +171,36 @@ def main(argv: list[str] | None = None) -> None:
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    adapter = None if args.memory_adapter == "none" else args.memory_adapter
+    layers = args.layers or (None if adapter else parse_layers("16-24"))
     model = MemorizingForCausalLM.from_base_pretrained(
         base,
-        memory_layers=args.layers,
+        memory_adapter=adapter,
         combine="joint",
         memory_size=65536,
         memory_top_k=args.top_k,
+        memory_score_bias=args.memory_score_bias,
+        xl_cache=True,  # the paper's local context: the previous segment's keys and values, then the segment's own
+        **({"memory_layers": layers} if layers else {}),
     )
     source = stdlib_path(args.module)
     text = source.read_text(encoding="utf-8")
     encoding = tokenizer(text, return_offsets_mapping=True)
     ids = torch.tensor(encoding["input_ids"][: args.tokens])
+    layers = model.config.memory_layers
     print(f"SmolLM2-135M reads {source} ({ids.numel()} tokens) in {args.segment}-token segments;")
-    print(f"memory: joint mode, layers {args.layers[0]}-{args.layers[-1]}, top-{args.top_k}, sinks never stored.")
+    print(f"memory: joint mode, layers {layers[0]}-{layers[-1]}, top-{args.top_k}, sinks never stored,")
+    print(
+        f"memory adapter {adapter!r} (per-head weights of retrieved entries, trained on other documents)"
+        if adapter
+        else "no memory adapter (zero-shot)"
+    )
 
     perplexities(model, ids, args.segment)
     cuts = definition_cuts(text, encoding["offset_mapping"], LEAD_IN, ids.numel() // 2)[:RECALLED]
     if not cuts:
         print(f"\n(no top-level function with a docstring in the first half of {source.name}: recall skipped)")
         return
-    model.config.memory_score_bias = args.memory_score_bias
-    print(f"\nParts 2 and 3: retrieved entries weigh exp({args.memory_score_bias:g}) more against the local window.")
     recall(model, tokenizer, ids, cuts, window=args.segment)
     if args.passkey_tokens:
         passkey(model, base, tokenizer, args.passkey_tokens, args.passkey_depth, window=2 * args.segment)

@@ -28,7 +28,8 @@ Settings (YAML `settings: {name: {kind, ...}}`), all on SmolLM2-135M-Instruct (`
   Not `generate(window=...)` of a memorizing model with an empty memory: tokens leaving that window go to the
   cache's own memory, which the same call searches, so it would be the memory setting again.
 * kind memory (`window` and any `MemorizingConfig` field: memory_layers ("16-24" or a list), combine, memory_size,
-  memory_top_k, rotary_placement, memory_score_bias, ...): `MemorizingForCausalLM.from_base_pretrained(base, ...)`
+  memory_top_k, rotary_placement, memory_score_bias, ...; memory_adapter: a trained adapter's name or folder, whose
+  settings the other keys override): `MemorizingForCausalLM.from_base_pretrained(base, ...)`
   and `generate(window=window, memory=model.new_memory())`: the prompt streams through the window, what leaves it
   stays retrievable for the rest of the call; the fresh memory stays empty (`update_memory=False`). A prompt longer
   than `memory_size` loses its oldest tokens. `xl_cache` is refused: it applies to segment-by-segment reading, not
@@ -105,7 +106,7 @@ MEMORY_KEYS = ALLOWED["memory"] - {"learning_rate"}  # MemorizingConfig's fields
 SETTING_KEYS = {
     "full": {"kind"},
     "window": {"kind", "window", "sinks"},
-    "memory": {"kind", "window"} | MEMORY_KEYS,
+    "memory": {"kind", "window", "memory_adapter"} | MEMORY_KEYS,
 }
 SKIPPED_BEYOND_POSITIONS = "beyond positions"
 
@@ -324,7 +325,7 @@ class Runner:
     def _memorizing(self, setting: str) -> MemorizingForCausalLM:
         if setting not in self.models:
             spec = self.suite["settings"][setting]
-            kwargs = {key: value for key, value in spec.items() if key in MEMORY_KEYS}
+            kwargs = {key: value for key, value in spec.items() if key in MEMORY_KEYS | {"memory_adapter"}}
             self.models[setting] = MemorizingForCausalLM.from_base_pretrained(self.base, **kwargs).eval()
         return self.models[setting]
 

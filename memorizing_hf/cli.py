@@ -1,6 +1,7 @@
 """`memorizing-hf`: convert a model, memorize documents, generate with memory, evaluate, render a model card.
 
     memorizing-hf convert BASE OUTPUT [--memory-layers 16-24 --memory-size 65536 --combine joint ...]
+    memorizing-hf convert smollm2 OUTPUT --memory-adapter smollm2-135m-recall   (a trained memory adapter, by name)
     memorizing-hf memorize MODEL FILE [FILE ...] --output memory.safetensors
     memorizing-hf generate MODEL --prompt TEXT [--memory memory.safetensors] [--max-new-tokens 64]
     memorizing-hf eval MODEL FILE [FILE ...] [--memory-sizes 0 8192 65536] [--output results.json]
@@ -32,6 +33,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 from . import hub
+from .adapters import adapter_folder, packaged_adapters
 from .configuration_memorizing import COMBINE_MODES, RETRIEVAL_BACKENDS, ROTARY_PLACEMENTS, MemorizingConfig
 from .data import read_text
 from .evaluation import PerplexityResult, streaming_perplexity
@@ -126,6 +128,15 @@ def memory_file(text: str) -> str:
     except OSError as error:
         raise argparse.ArgumentTypeError(_os_error(error)) from None
     return str(input_file(text))
+
+
+def memory_adapter(text: str) -> str:
+    """A memory adapter that exists: a packaged name or a folder saved by `save_memory_adapter`."""
+    try:
+        adapter_folder(text)
+    except FileNotFoundError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    return text
 
 
 def output_file(text: str) -> Path:
@@ -228,7 +239,9 @@ def convert(args: argparse.Namespace) -> None:
         "sink_tokens": args.sink_tokens,
     }
     model = MemorizingForCausalLM.from_base_pretrained(
-        base, **{name: value for name, value in memory_kwargs.items() if value is not None}
+        base,
+        memory_adapter=args.memory_adapter,
+        **{name: value for name, value in memory_kwargs.items() if value is not None},
     )
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_path)
@@ -386,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--retrieval", choices=RETRIEVAL_BACKENDS)
     sub.add_argument("--local-window", type=positive, help="local window when streaming and generating (default 1024)")
     sub.add_argument("--sink-tokens", type=non_negative, help="attention sinks never stored (default 1)")
+    sub.add_argument(
+        "--memory-adapter",
+        metavar="NAME",
+        type=memory_adapter,
+        help=f"trained memory adapter: a packaged name ({', '.join(packaged_adapters())}) or a folder; its memory "
+        "settings are the defaults of the options above",
+    )
     sub.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     sub.add_argument("--base-model-id", help="Hub id of the base model, for the model card")
     sub.add_argument("--license", help="license for the model card, e.g. apache-2.0")

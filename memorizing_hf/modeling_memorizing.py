@@ -49,6 +49,7 @@ from ._compat import (
     set_output_cache,
     tie_weights_left_unloaded,
 )
+from .adapters import apply_adapter, check_base, read_adapter, save_adapter
 from .cache import MemorizingCache, XLCache
 from .configuration_memorizing import LOCAL_ATTN_IMPLEMENTATIONS, MemorizingConfig
 from .generation import MemorizingGenerationMixin
@@ -122,7 +123,8 @@ class KNNAttention(nn.Module):
 
     Gate mode (the paper): memory attention has its own softmax over the retrieved keys, with L2-normalised queries
     and keys scaled by a learned per-head factor; a learned per-head gate g = sigmoid(b) gives
-    out = g * memory + (1 - g) * local. Joint mode: the retrieved keys join the local softmax (no parameters).
+    out = g * memory + (1 - g) * local. Joint mode: the retrieved keys join the local softmax, their scores shifted by
+    `config.memory_score_bias` plus a per-head `memory_bias` (zero until trained: a memory adapter).
     Rows whose memory is empty get exactly the local result. The module holds parameters only, never memory.
     """
 
@@ -140,6 +142,8 @@ class KNNAttention(nn.Module):
             scale = config.memory_scale_init or math.sqrt(head_dim)
             self.gate_bias = nn.Parameter(torch.full((self.num_heads,), config.gate_init))
             self.memory_scale = nn.Parameter(torch.full((self.num_heads,), float(scale)))
+        else:
+            self.memory_bias = nn.Parameter(torch.zeros(self.num_heads))
 
     def extra_repr(self) -> str:
         return (
@@ -287,8 +291,7 @@ class KNNAttention(nn.Module):
         local, memory = local * scaling, memory * scaling
         if softcap is not None:
             local, memory = torch.tanh(local / softcap) * softcap, torch.tanh(memory / softcap) * softcap
-        if self.config.memory_score_bias:
-            memory = memory + self.config.memory_score_bias
+        memory = memory + (self.memory_bias.float().view(1, heads, 1, 1) + self.config.memory_score_bias)
         local = local + _additive_mask(attention_mask, tokens, local_keys, local)
         memory = memory.masked_fill(~valid.reshape(batch, heads, tokens, -1), float("-inf"))
         top = torch.maximum(local.amax(-1, keepdim=True), memory.amax(-1, keepdim=True)).detach()
@@ -433,6 +436,8 @@ class MemorizingPreTrainedModel(WrapperPreTrainedModel):
         if module.combine == "gate":  # transformers' init helpers skip parameters loaded from a checkpoint
             constant_(module.gate_bias, self.config.gate_init)
             constant_(module.memory_scale, self.config.memory_scale_init or math.sqrt(module.head_dim))
+        else:
+            constant_(module.memory_bias, 0.0)
         return True
 
 
@@ -483,14 +488,18 @@ class MemorizingModel(MemorizingPreTrainedModel):
         cls,
         model_or_path: PreTrainedModel | str | Path,
         base_model_kwargs: dict[str, Any] | None = None,
+        memory_adapter: str | Path | None = None,
         **memory_kwargs: Any,
     ) -> MemorizingModel:
         """Turn a pretrained causal LM (a loaded model or a local folder / Hub id) into a memorizing one.
 
         The base weights are used as they are (no second load, no copy); `memory_kwargs` are `MemorizingConfig`
         fields (memory_layers, memory_size, memory_top_k, combine, ...); `base_model_kwargs` go to
-        `AutoModelForCausalLM.from_pretrained` when a path is given.
+        `AutoModelForCausalLM.from_pretrained` when a path is given. `memory_adapter`: a trained memory adapter (a
+        packaged name or a folder, `adapters.py`) whose settings and parameters are used; `memory_kwargs` override
+        its settings.
         """
+        adapter = read_adapter(memory_adapter) if memory_adapter is not None else None
         if isinstance(model_or_path, (str, Path)):
             model_or_path = AutoModelForCausalLM.from_pretrained(str(model_or_path), **(base_model_kwargs or {}))
         if isinstance(model_or_path, MemorizingModel):
@@ -500,8 +509,14 @@ class MemorizingModel(MemorizingPreTrainedModel):
                 f"from_base_pretrained needs a PreTrainedModel or a path, got {type(model_or_path).__name__}."
             )
         _refuse_adapters(model_or_path)
+        if adapter is not None:
+            check_base(adapter[1], model_or_path.config, repr(str(memory_adapter)))
+            memory_kwargs = {**adapter[0], **memory_kwargs}
         config = MemorizingConfig(text_config=model_or_path.config, **memory_kwargs)
-        model = cls(config, language_model=model_or_path).to(model_or_path.device)
+        model = cls(config, language_model=model_or_path)
+        if adapter is not None:
+            apply_adapter(model, adapter[2], repr(str(memory_adapter)))
+        model = model.to(model_or_path.device)
         if model_or_path.generation_config is not None:  # generate as the base model does (eos ids, sampling, ...)
             model.generation_config = copy.deepcopy(model_or_path.generation_config)
         return model.train(model_or_path.training)
@@ -622,6 +637,11 @@ class MemorizingModel(MemorizingPreTrainedModel):
         if found is None:
             raise FileNotFoundError(f"No memory file {str(path)!r}: not a file here, nor in the Hub repo {source!r}.")
         return Path(found)
+
+    def save_memory_adapter(self, folder: str | Path) -> None:
+        """Write the memory layers' parameters and the memory settings to `folder`, apart from the base weights: a
+        memory adapter, loaded with `from_base_pretrained(base, memory_adapter=folder)`."""
+        save_adapter(self, folder)
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, save_memory: bool = False, **kwargs: Any) -> None:
         """`PreTrainedModel.save_pretrained`; `save_memory=True` also writes `model.memory` beside the weights

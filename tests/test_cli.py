@@ -94,6 +94,19 @@ def test_convert_writes_a_hub_ready_checkpoint(workspace) -> None:
         assert torch.equal(a, b), name
 
 
+def test_convert_with_a_memory_adapter_takes_its_settings_and_parameters(documents) -> None:
+    tiny_base("llama").save_pretrained(documents / "base")
+    trained = MemorizingForCausalLM.from_base_pretrained(tiny_base("llama"), memory_layers=[1, 2], combine="joint")
+    with torch.no_grad():
+        trained.knn_attention["2"].memory_bias.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+    trained.save_memory_adapter(documents / "adapter")
+    argv = ["convert", documents / "base", documents / "ckpt", "--memory-adapter", documents / "adapter"]
+    assert main([str(arg) for arg in [*argv, "--memory-size", "2048"]]) == 0
+    model = MemorizingForCausalLM.from_pretrained(documents / "ckpt")
+    assert (model.config.memory_layers, model.config.memory_size) == ([1, 2], 2048)
+    assert torch.equal(model.knn_attention["2"].memory_bias, trained.knn_attention["2"].memory_bias)
+
+
 def test_memorize_then_generate_matches_the_python_api(workspace, capsys) -> None:
     folder, memory = workspace / "ckpt", workspace / "memory.safetensors"
     status, _, err = _run(capsys, "memorize", folder, workspace / "shapes.py", workspace / "point.py", "-o", memory)
@@ -173,6 +186,7 @@ def test_eval_writes_results_that_the_card_renders(workspace, capsys) -> None:
         (["convert", "base", "out", "--local-window", "0"], "argument --local-window: must be an integer >= 1"),
         (["convert", "base", "out", "--sink-tokens", "-1"], "argument --sink-tokens: must be an integer >= 0"),
         (["convert", "base", "out", "--memory-layers", "x-y"], "invalid layers 'x-y'"),
+        (["convert", "base", "out", "--memory-adapter", "nowhere"], "No memory adapter 'nowhere': give a packaged"),
     ],
 )
 def test_numbers_are_checked_before_anything_is_read(documents, capsys, monkeypatch, argv, message) -> None:

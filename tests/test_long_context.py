@@ -159,6 +159,20 @@ def test_the_window_setting_reads_the_sinks_and_the_last_tokens(suite_file: Path
     assert runner.answer("full", list(range(257)), 3) is None  # beyond the tiny model's 256 positions
 
 
+def test_a_memory_setting_can_name_a_memory_adapter(suite_file: Path, tmp_path: Path) -> None:
+    from memorizing_hf import MemorizingForCausalLM
+
+    trained = MemorizingForCausalLM.from_base_pretrained(tiny_base("llama"), memory_layers=[1], combine="joint")
+    with torch.no_grad():
+        trained.knn_attention["1"].memory_bias.fill_(0.75)
+    trained.save_memory_adapter(tmp_path / "adapter")
+    setting = f"settings.adapted={{kind: memory, memory_adapter: {tmp_path / 'adapter'}, memory_size: 512}}"
+    suite = long_context.load_suite(suite_file, [setting])
+    model = long_context.Runner(suite)._memorizing("adapted")
+    assert model.config.memory_size == 512 and model.config.memory_layers == [1]
+    assert torch.equal(model.knn_attention["1"].memory_bias, trained.knn_attention["1"].memory_bias)
+
+
 def test_overrides_select_change_and_add_settings_over_the_defaults(tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("trials: 1\n")

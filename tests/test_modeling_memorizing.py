@@ -28,9 +28,7 @@ def _layer_inputs(model: MemorizingForCausalLM, layer: int, ids: torch.Tensor) -
     return captured["hidden"]
 
 
-def _attention_output(
-    model: MemorizingForCausalLM, layer: int, ids: torch.Tensor, grad: bool = False
-) -> torch.Tensor:
+def _attention_output(model: MemorizingForCausalLM, layer: int, ids: torch.Tensor, grad: bool = False) -> torch.Tensor:
     """What the memory layer's attention hands to its output projection, `[B, T, H, D]` (computed under autograd
     if `grad`: memory scores then come from the gathered keys, else from the search)."""
     captured = {}
@@ -77,7 +75,8 @@ def _naive_reference(
         local_scores = (q_local @ k_local.transpose(2, 3) * attention.scaling).masked_fill(~causal, float("-inf"))
         knn = model.knn_attention[str(layer)]
         if model.config.combine == "joint":
-            memory_scores = q_mem @ k_mem.transpose(2, 3) * attention.scaling + model.config.memory_score_bias
+            bias = model.config.memory_score_bias + knn.memory_bias.view(1, heads, 1, 1)
+            memory_scores = q_mem @ k_mem.transpose(2, 3) * attention.scaling + bias
             probs = torch.softmax(torch.cat([local_scores, memory_scores], -1), -1)
             out = probs[..., :tokens] @ v_local + probs[..., tokens:] @ v_mem
         else:
@@ -108,6 +107,9 @@ def test_exact_retrieval_equals_naive_full_attention_over_memory(
         with torch.no_grad():
             model.knn_attention["1"].gate_bias.copy_(torch.tensor([-1.0, 0.5, 1.0, 2.0]))
             model.knn_attention["1"].memory_scale.copy_(torch.tensor([3.0, 5.0, 8.0, 12.0]))
+    elif kv_heads == 1:  # a trained per-head memory bias
+        with torch.no_grad():
+            model.knn_attention["1"].memory_bias.copy_(torch.tensor([-2.0, 0.0, 1.0, 3.0]))
     first, second = token_ids(seed=1), token_ids(seed=2)
     expected = _naive_reference(model, 1, first, second)
     model(first, update_memory=True)
