@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import transformers
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from memorizing_hf import MemorizingConfig, MemorizingForCausalLM
+from memorizing_hf import MemorizingConfig, MemorizingForCausalLM, modeling_memorizing
 
 from .conftest import TINY_CONFIGS, tiny_base, tiny_memorizing
 
@@ -420,3 +420,21 @@ def test_from_pretrained_can_return_its_loading_info(tmp_path, token_ids) -> Non
     model, info = MemorizingForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert isinstance(model, MemorizingForCausalLM) and not info["missing_keys"]
     model(token_ids(seed=1))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_joint_mode_read_a_tile_of_queries_at_a_time_equals_all_at_once(grad: bool, token_ids, monkeypatch) -> None:
+    model = tiny_memorizing("llama", combine="joint", memory_score_bias=0.5)
+    with torch.no_grad():
+        model.knn_attention["1"].memory_bias.copy_(torch.tensor([-2.0, 0.0, 1.0, 3.0]))
+    model(token_ids(seed=1), update_memory=True)
+    entries = model.memory.entries()
+    whole = _attention_output(model, 1, token_ids(seed=2), grad)
+    stats = model(token_ids(seed=2), output_memory_stats=True).memory_stats["memory_share"][1]
+    local_keys = token_ids(seed=2).shape[1]
+    monkeypatch.setattr(modeling_memorizing, "JOINT_TILE_BYTES", 3 * 4 * 2 * 4 * local_keys)  # tiles of 3 queries
+    tiled = _attention_output(model, 1, token_ids(seed=2), grad)
+    assert model.memory.entries() == entries  # reading never wrote
+    torch.testing.assert_close(tiled, whole)
+    tiled_stats = model(token_ids(seed=2), output_memory_stats=True).memory_stats["memory_share"][1]
+    assert tiled_stats == pytest.approx(stats)
