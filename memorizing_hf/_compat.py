@@ -42,6 +42,8 @@ PRIVATE_NAMES = {
     "_get_num_items_in_batch": "Trainer method that counts the tokens a loss is normalised by; releases before 5.10 "
     "counted every row's first label, which a causal LM never predicts",
     "_loss_shifts_labels": "Trainer attribute that tells releases which count shifted labels (5.10+) from older ones",
+    "_scaled_dot_product_flash_attention_for_cpu": "torch's fused CPU attention, which returns each query's "
+    "log-sum-exp beside the output (public sdpa does not): joint mode merges the retrieved entries into it",
     "_raise_exceptions_for_missing_entries": "cached_file argument: None for a file the checkpoint does not have, "
     "where the public default raises an error that does not say which file was looked for",
 }
@@ -113,6 +115,25 @@ def attention_scaling(module: nn.Module, scaling: float | None, head_dim: int) -
     if scaling is None:
         scaling = getattr(module, "scaling", None) or head_dim**-0.5
     return scaling
+
+
+# torch (2.3+), not transformers: the fused CPU attention kernel behind sdpa, which also returns the log-sum-exp.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def attention_with_logsumexp(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Softmax attention `[B, H, T, D]` (keys and values with H heads; `mask` additive `[B or 1, 1, T, S]`) and each
+    query's log-sum-exp of its scaled, masked scores `[B, H, T]` (fp32; -inf where the mask hides every key), without
+    materialising the scores; None where torch's fused kernel does not apply (not CPU, other dtypes, autograd on)."""
+    usable = _FLASH_CPU is not None and query.device.type == "cpu" and query.dtype in _FLASH_CPU_DTYPES
+    if not usable or torch.is_grad_enabled():
+        return None
+    output, logsumexp = _FLASH_CPU(query, key, value, 0.0, False, attn_mask=mask.to(query.dtype), scale=scale)
+    seen = (mask > float("-inf")).any(-1)  # the kernel reports 0, not -inf, for a query that sees no key
+    return output, logsumexp.float().masked_fill(~seen, float("-inf"))
 
 
 def supports_attention_interface(model_class: type) -> bool:

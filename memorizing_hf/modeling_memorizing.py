@@ -41,6 +41,7 @@ from ._compat import (
     WrapperPreTrainedModel,
     attention_function,
     attention_scaling,
+    attention_with_logsumexp,
     cache_kwargs,
     cached_file,
     constant_,
@@ -282,13 +283,20 @@ class KNNAttention(nn.Module):
         context: MemoryContext,
         weights: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One softmax over the local keys and the retrieved keys (their scores `[B, Hkv, M, k]`), computed eagerly,
-        a tile of queries at a time (`JOINT_TILE_BYTES`). `weights`: also return the probabilities
-        `[B, H, T, local + k]` (as eager attention does)."""
+        """One softmax over the local keys and the retrieved keys (their scores `[B, Hkv, M, k]`): in inference on CPU
+        by `_joint_fused`, else eagerly, a tile of queries at a time (`JOINT_TILE_BYTES`). `weights`: also return the
+        probabilities `[B, H, T, local + k]` (as eager attention does)."""
         batch, heads, tokens, dim = query.shape
         mask = _additive_mask(attention_mask, tokens, key.shape[2], query)  # [B or 1, 1, T or 1, S]
         per_token = (mem_scores.reshape(batch, heads, tokens, -1), valid.reshape(batch, heads, tokens, -1))
         mem_values = mem_values.reshape(batch, heads, tokens, -1, dim)
+        if not weights and softcap is None and not (dropout and module.training):
+            fused = self._joint_fused(query, key, value, mask, *per_token, mem_values, scaling)
+            if fused is not None:
+                output, share = fused
+                if context.stats is not None:
+                    context.stats.setdefault("memory_share", {})[self.layer_idx] = share.mean(dim=(0, 2)).tolist()
+                return output.transpose(1, 2).contiguous(), None
         tile = max(1, JOINT_TILE_BYTES // (4 * batch * heads * key.shape[2]))
         outputs, probs, shares = [], [], []
         for t0 in range(0, tokens, tile):
@@ -305,6 +313,41 @@ class KNNAttention(nn.Module):
             context.stats.setdefault("memory_share", {})[self.layer_idx] = share.tolist()
         output = torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
         return output, torch.cat(probs, dim=2) if weights else None
+
+    def _joint_fused(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor,
+        mem_scores: torch.Tensor,
+        valid: torch.Tensor,
+        mem_values: torch.Tensor,
+        scaling: float,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`_joint` without its scores (inference on CPU): the local part by torch's fused attention, which also gives
+        each query's log-sum-exp, merged with the retrieved entries' weights under one maximum. Returns the output
+        `[B, H, T, D]` and each query's probability on memory `[B, H, T]`, or None where the kernel does not apply."""
+        if mask.shape[2] != query.shape[2]:
+            mask = mask.expand(-1, -1, query.shape[2], -1)
+        groups = query.shape[1] // self.num_kv_heads
+        local = attention_with_logsumexp(
+            query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), mask, scaling
+        )
+        if local is None:
+            return None
+        output, logsumexp = local
+        bias = self.memory_bias.float().view(1, -1, 1, 1) + self.config.memory_score_bias
+        memory = (mem_scores.float() * scaling + bias).masked_fill(~valid, float("-inf"))
+        logsumexp = logsumexp.unsqueeze(-1)
+        top = torch.maximum(logsumexp, memory.amax(-1, keepdim=True))
+        top = torch.where(torch.isfinite(top), top, 0.0)  # a query that sees nothing: every probability 0
+        local_weight, memory = torch.exp(logsumexp - top), torch.exp(memory - top)
+        total = local_weight + memory.sum(-1, keepdim=True)
+        inverse = torch.where(total > 0, 1.0 / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
+        local_weight, memory = local_weight * inverse, memory * inverse
+        memory_out = torch.matmul(memory.to(query.dtype).unsqueeze(-2), mem_values).squeeze(-2)
+        return output * local_weight.to(query.dtype) + memory_out, memory.sum(-1)
 
     def _joint_tile(
         self,

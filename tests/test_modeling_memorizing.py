@@ -422,6 +422,29 @@ def test_from_pretrained_can_return_its_loading_info(tmp_path, token_ids) -> Non
     model(token_ids(seed=1))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_joint_mode_fused_inference_equals_the_eager_softmax(arch: str, token_ids, monkeypatch) -> None:
+    model = tiny_memorizing(arch, combine="joint", memory_score_bias=0.5).eval()
+    with torch.no_grad():
+        bias = model.knn_attention["1"].memory_bias
+        bias.copy_(torch.linspace(-2.0, 3.0, bias.numel()))
+    model(token_ids(seed=1), update_memory=True)
+    ids = token_ids(seed=2)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded row: its first queries see no local key, only memory
+    calls = []
+    fused = modeling_memorizing.attention_with_logsumexp
+    monkeypatch.setattr(modeling_memorizing, "attention_with_logsumexp", lambda *a: calls.append(1) or fused(*a))
+    with torch.no_grad():
+        outputs = model(ids, attention_mask=mask, output_memory_stats=True)
+    assert calls, "the fused path was not taken"
+    monkeypatch.setattr(modeling_memorizing, "attention_with_logsumexp", lambda *args: None)
+    with torch.no_grad():
+        eager = model(ids, attention_mask=mask, output_memory_stats=True)
+    torch.testing.assert_close(outputs.logits[mask.bool()], eager.logits[mask.bool()], atol=1e-4, rtol=1e-4)
+    assert outputs.memory_stats["memory_share"][1] == pytest.approx(eager.memory_stats["memory_share"][1], abs=1e-5)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_joint_mode_read_a_tile_of_queries_at_a_time_equals_all_at_once(grad: bool, token_ids, monkeypatch) -> None:
     model = tiny_memorizing("llama", combine="joint", memory_score_bias=0.5)
@@ -433,6 +456,7 @@ def test_joint_mode_read_a_tile_of_queries_at_a_time_equals_all_at_once(grad: bo
     stats = model(token_ids(seed=2), output_memory_stats=True).memory_stats["memory_share"][1]
     local_keys = token_ids(seed=2).shape[1]
     monkeypatch.setattr(modeling_memorizing, "JOINT_TILE_BYTES", 3 * 4 * 2 * 4 * local_keys)  # tiles of 3 queries
+    monkeypatch.setattr(modeling_memorizing, "attention_with_logsumexp", lambda *args: None)  # the eager softmax
     tiled = _attention_output(model, 1, token_ids(seed=2), grad)
     assert model.memory.entries() == entries  # reading never wrote
     torch.testing.assert_close(tiled, whole)
