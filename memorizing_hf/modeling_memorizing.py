@@ -337,17 +337,21 @@ class KNNAttention(nn.Module):
         if local is None:
             return None
         output, logsumexp = local
-        bias = self.memory_bias.float().view(1, -1, 1, 1) + self.config.memory_score_bias
-        memory = (mem_scores.float() * scaling + bias).masked_fill(~valid, float("-inf"))
-        logsumexp = logsumexp.unsqueeze(-1)
-        top = torch.maximum(logsumexp, memory.amax(-1, keepdim=True))
-        top = torch.where(torch.isfinite(top), top, 0.0)  # a query that sees nothing: every probability 0
-        local_weight, memory = torch.exp(logsumexp - top), torch.exp(memory - top)
-        total = local_weight + memory.sum(-1, keepdim=True)
-        inverse = torch.where(total > 0, 1.0 / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
-        local_weight, memory = local_weight * inverse, memory * inverse
+        # the local keys enter the shared softmax as one logit, their log-sum-exp: its probability is their total
+        local_weight, memory = _shared_softmax(logsumexp.unsqueeze(-1), self._memory_logits(mem_scores, valid, scaling))
         memory_out = torch.matmul(memory.to(query.dtype).unsqueeze(-2), mem_values).squeeze(-2)
         return output * local_weight.to(query.dtype) + memory_out, memory.sum(-1)
+
+    def _memory_logits(
+        self, mem_scores: torch.Tensor, valid: torch.Tensor, scaling: float, softcap: float | None = None
+    ) -> torch.Tensor:
+        """The retrieved entries' logits in the joint softmax `[B, H, t, k]` (fp32): scaled, softcapped, raised by the
+        per-head and global memory biases; -inf where no entry was retrieved."""
+        memory = mem_scores.float() * scaling
+        if softcap is not None:
+            memory = torch.tanh(memory / softcap) * softcap
+        memory = memory + (self.memory_bias.float().view(1, -1, 1, 1) + self.config.memory_score_bias)
+        return memory.masked_fill(~valid, float("-inf"))
 
     def _joint_tile(
         self,
@@ -371,25 +375,27 @@ class KNNAttention(nn.Module):
         kv_heads, local_keys = self.num_kv_heads, key.shape[2]
         by_kv_head = query.reshape(batch, kv_heads, -1, dim)  # query head h*G+g reads kv head h
         local = torch.matmul(by_kv_head, key.transpose(2, 3)).view(batch, heads, tokens, local_keys).float()
-        memory = mem_scores.float()
-        local, memory = local * scaling, memory * scaling
+        local = local * scaling
         if softcap is not None:
-            local, memory = torch.tanh(local / softcap) * softcap, torch.tanh(memory / softcap) * softcap
-        memory = memory + (self.memory_bias.float().view(1, heads, 1, 1) + self.config.memory_score_bias)
-        local = local + mask
-        memory = memory.masked_fill(~valid, float("-inf"))
-        top = torch.maximum(local.amax(-1, keepdim=True), memory.amax(-1, keepdim=True)).detach()
-        top = torch.where(torch.isfinite(top), top, 0.0)  # a query that sees nothing: every probability 0
-        local, memory = torch.exp(local - top), torch.exp(memory - top)
-        total = local.sum(-1, keepdim=True) + memory.sum(-1, keepdim=True)
-        inverse = torch.where(total > 0, 1.0 / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
-        local, memory = local * inverse, memory * inverse
+            local = torch.tanh(local / softcap) * softcap
+        local, memory = _shared_softmax(local + mask, self._memory_logits(mem_scores, valid, scaling, softcap))
         share = memory.detach().sum(-1)
         local = F.dropout(local, p=dropout, training=module.training).to(query.dtype)
         memory = F.dropout(memory, p=dropout, training=module.training).to(query.dtype)
         output = torch.matmul(local.view(batch, kv_heads, -1, local_keys), value).view(batch, heads, tokens, dim)
         output = output + torch.matmul(memory.unsqueeze(-2), mem_values).squeeze(-2)
         return output, local, memory, share
+
+
+def _shared_softmax(local: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over two sets of logits `[..., S]` and `[..., k]` (one maximum, one denominator, no
+    concatenation): their probabilities, fp32. A query with every logit -inf gets probability 0 everywhere."""
+    top = torch.maximum(local.amax(-1, keepdim=True), memory.amax(-1, keepdim=True)).detach()
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    local, memory = torch.exp(local - top), torch.exp(memory - top)
+    total = local.sum(-1, keepdim=True) + memory.sum(-1, keepdim=True)
+    inverse = torch.where(total > 0, 1.0 / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
+    return local * inverse, memory * inverse
 
 
 def _additive_mask(mask: torch.Tensor | None, tokens: int, keys: int, like: torch.Tensor) -> torch.Tensor:

@@ -64,9 +64,9 @@ MIN_SUB_BLOCK = 32
 THRESHOLD_SUB_BLOCKS = 8
 # Slots scored (in fp32) before pass 1 to choose every query's shift of its pass-1 scores (see `_pass1_bound`).
 SHIFT_SAMPLE = 256
-# Candidates per query collected by pass 2, in multiples of k; a query with more is searched again densely. Text that
-# repeats a passage hundreds of times (the passkey's filler) gives hundreds of near-equal scores within pass 1's error
-# bound: at 4 k, 58% of such queries were searched twice; at 16 k, 0.03% (at most 16 k x 13 bytes kept per query).
+# Candidates per query collected by pass 2, in multiples of k; a query with more is searched again densely. 16, not
+# fewer: text that repeats a passage many times (the passkey's filler) gives many near-equal scores within pass 1's
+# error bound (docs/performance.md, the prompt-reading profile). At most 16 k x 13 bytes are kept per query.
 CANDIDATES = 16
 # Pass 1 on CPU scores in bf16 where the CPU has native bf16 dot products (avx512_bf16 / amx_bf16), else in fp32.
 # None = detect, True / False = force (pass 2 is always fp32, so the result is exact either way).
