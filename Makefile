@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 VENV_OLDEST ?= .venv-oldest
 TORCH ?= torch==2.13.0
-# The oldest transformers release we support (setup.cfg: transformers>=5.3,<5.25); CI tests it too.
+# The oldest transformers release we support (setup.cfg: transformers>=5.3,<5.26); CI tests it too.
 TRANSFORMERS_OLDEST ?= transformers==5.3.0
 
 .PHONY: demo test test-oldest test-next smoke lint bench clean
