@@ -290,29 +290,29 @@ class KNNAttention(nn.Module):
         mask = _additive_mask(attention_mask, tokens, key.shape[2], query)  # [B or 1, 1, T or 1, S]
         per_token = (mem_scores.reshape(batch, heads, tokens, -1), valid.reshape(batch, heads, tokens, -1))
         mem_values = mem_values.reshape(batch, heads, tokens, -1, dim)
+        fused = None
         if not weights and softcap is None and not (dropout and module.training):
             fused = self._joint_fused(query, key, value, mask, *per_token, mem_values, scaling)
-            if fused is not None:
-                output, share = fused
-                if context.stats is not None:
-                    context.stats.setdefault("memory_share", {})[self.layer_idx] = share.mean(dim=(0, 2)).tolist()
-                return output.transpose(1, 2).contiguous(), None
-        tile = max(1, JOINT_TILE_BYTES // (4 * batch * heads * key.shape[2]))
-        outputs, probs, shares = [], [], []
-        for t0 in range(0, tokens, tile):
-            rows = slice(t0, t0 + tile)
-            output, local, memory, share = self._joint_tile(
-                module, query[:, :, rows], key, value, mask if mask.shape[2] == 1 else mask[:, :, rows],
-                per_token[0][:, :, rows], mem_values[:, :, rows], per_token[1][:, :, rows], scaling, dropout, softcap,
-            )  # fmt: skip
-            outputs.append(output)
-            probs.append(torch.cat((local, memory), dim=-1) if weights else None)
-            shares.append(share)
+        if fused is not None:
+            (output, share), probs = fused, None
+        else:
+            tile = max(1, JOINT_TILE_BYTES // (4 * batch * heads * key.shape[2]))
+            outputs, probs, shares = [], [], []
+            for t0 in range(0, tokens, tile):
+                rows = slice(t0, t0 + tile)
+                output, local, memory, share = self._joint_tile(
+                    module, query[:, :, rows], key, value, mask if mask.shape[2] == 1 else mask[:, :, rows],
+                    per_token[0][:, :, rows], mem_values[:, :, rows], per_token[1][:, :, rows], scaling, dropout,
+                    softcap,
+                )  # fmt: skip
+                outputs.append(output)
+                probs.append(torch.cat((local, memory), dim=-1) if weights else None)
+                shares.append(share)
+            output, share = torch.cat(outputs, dim=2), torch.cat(shares, dim=2)
+            probs = torch.cat(probs, dim=2) if weights else None
         if context.stats is not None:
-            share = torch.cat(shares, dim=2).mean(dim=(0, 2))
-            context.stats.setdefault("memory_share", {})[self.layer_idx] = share.tolist()
-        output = torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
-        return output, torch.cat(probs, dim=2) if weights else None
+            context.stats.setdefault("memory_share", {})[self.layer_idx] = share.mean(dim=(0, 2)).tolist()
+        return output.transpose(1, 2).contiguous(), probs
 
     def _joint_fused(
         self,
