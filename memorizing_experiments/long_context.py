@@ -413,16 +413,17 @@ def current(suite: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[s
 
 
 def markdown_table(suite: dict[str, Any], records: list[dict[str, Any]]) -> str:
-    """Per task: accuracy per setting (rows) and length (columns), over depths and trials; definition cells also
-    give the mean share of answer tokens matched. "skipped": every cell of it was skipped; empty: not measured."""
+    """Per task: accuracy per setting (rows) and length (columns), over depths and trials, with the count of prompts
+    right and scored (cells measured with fewer trials say so); definition cells also give the mean share of answer
+    tokens matched. "skipped": every cell of it was skipped; empty: not measured."""
     records = current(suite, records)
     lengths = sorted(suite["lengths"])
     lines = []
     for task in suite["tasks"]:
-        note = (
-            f"; in brackets the mean share of the {ANSWER_TOKENS[task]} tokens matched" if task == "definition" else ""
-        )
-        lines += [f"**{task}**: accuracy over depths {suite['depths']} and {suite['trials']} trial(s){note}", ""]
+        note = ""
+        if task == "definition":
+            note = f"; in brackets, after the count, the mean share of the {ANSWER_TOKENS[task]} tokens matched"
+        lines += [f"**{task}**: accuracy over depths {suite['depths']} and up to {suite['trials']} trial(s){note}", ""]
         lines += ["| setting | " + " | ".join(_size(n) for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
         for setting in suite["settings"]:
             row = []
@@ -430,10 +431,11 @@ def markdown_table(suite: dict[str, Any], records: list[dict[str, Any]]) -> str:
                 cell = [r for r in records if (r["task"], r["setting"], r["length"]) == (task, setting, length)]
                 scored = [r for r in cell if "right" in r]
                 if scored:
-                    text = f"{sum(r['right'] for r in scored) / len(scored):.2f}"
+                    right = sum(r["right"] for r in scored)
+                    text = f"{right / len(scored):.2f} ({right}/{len(scored)}"
                     if task == "definition":
-                        text += f" ({sum(r['matched'] for r in scored) / len(scored):.0%})"
-                    row.append(text)
+                        text += f"; {sum(r['matched'] for r in scored) / len(scored):.0%}"
+                    row.append(text + ")")
                 else:
                     row.append("skipped" if cell else "")
             lines.append(f"| {setting} | " + " | ".join(row) + " |")

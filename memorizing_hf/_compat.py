@@ -82,7 +82,8 @@ def tokens_to_crop(argument: int, length: int) -> int:
 
 # ---------------------------------------------------------------------------------------------------- attention
 def attention_implementation(config: PretrainedConfig) -> str | None:
-    """The attention implementation a model (config) was built with: "sdpa", "eager", "flash_attention_2", ..."""
+    """The attention implementation a model (config) was built with: "sdpa", "eager", "flash_attention_2", ...
+    (a private config attribute, the same in 5.3-5.25; no public getter)."""
     return config._attn_implementation
 
 
@@ -105,7 +106,8 @@ def attention_function(name: str) -> Callable:
 
 
 def register_attention(name: str, function: Callable, masks_like: str) -> None:
-    """Register `function` as attention `name`, building its masks as attention `masks_like` does."""
+    """Register `function` as attention `name`, building its masks as attention `masks_like` does (the mask
+    interface is unchanged 5.3-5.25)."""
     AttentionInterface.register(name, function)
     AttentionMaskInterface.register(name, AttentionMaskInterface()[masks_like])
 
@@ -137,7 +139,8 @@ def attention_with_logsumexp(
 
 
 def supports_attention_interface(model_class: type) -> bool:
-    """Whether a model class routes its attention through `AttentionInterface` (so that we can patch it)."""
+    """Whether a model class routes its attention through `AttentionInterface` (so that we can patch it); a private
+    class flag, the same in 5.3-5.25."""
     return bool(getattr(model_class, "_supports_attention_backend", False))
 
 
@@ -151,7 +154,8 @@ def causal_lm_class(config: PretrainedConfig) -> type | None:
 
 # ---------------------------------------------------------------------------------------------------- model classes
 class WrapperPreTrainedModel(PreTrainedModel):
-    """`PreTrainedModel` for a model that wraps another: the flags and hook transformers reads under private names."""
+    """`PreTrainedModel` for a model that wraps another: the flags and hook transformers reads under private names
+    (the same names in 5.3-5.25)."""
 
     _supports_attention_backend = True
     _supports_sdpa = True
@@ -198,21 +202,24 @@ def counts_predicted_labels(trainer_class: type) -> type:
 
 
 def checkpoint_folder_prefix() -> str:
-    """Prefix of the Trainer's checkpoint folders, `checkpoint` in `checkpoint-<step>`."""
+    """Prefix of the Trainer's checkpoint folders, `checkpoint` in `checkpoint-<step>` (`transformers.trainer_utils`,
+    a submodule; unchanged 5.3-5.25)."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     return PREFIX_CHECKPOINT_DIR
 
 
 def last_checkpoint(folder: str) -> str | None:
-    """The Trainer's latest checkpoint folder in `folder`, or None."""
+    """The Trainer's latest checkpoint folder in `folder`, or None (`transformers.trainer_utils`, unchanged
+    5.3-5.25)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(folder)
 
 
 def cached_file(name_or_path: str, filename: str, **hub_kwargs: Any) -> str | None:
-    """A file of a checkpoint folder or Hub repo, found like the weights; None if the checkpoint has no such file."""
+    """A file of a checkpoint folder or Hub repo, found like the weights; None if the checkpoint has no such file
+    (`transformers.utils.cached_file` with a private argument, unchanged 5.3-5.25)."""
     from transformers.utils import cached_file as find
 
     return find(name_or_path, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)

@@ -51,7 +51,7 @@ def model_card(
     config = model.config
     text_config = config.text_config
     if base_model is None:
-        base_model = _hub_id(getattr(text_config, "_name_or_path", ""))
+        base_model = _hub_id(text_config.name_or_path)
     base_type = text_config.model_type
     card_data = ModelCardData(
         library_name="transformers",

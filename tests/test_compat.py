@@ -36,7 +36,8 @@ PRIVATE = re.compile(r"^_[A-Za-z][A-Za-z0-9_]*$")
 
 def transformers_private_names() -> set[str]:
     """Private attribute names of the transformers classes (not those they inherit from torch or Python)."""
-    names = {name for cls in TRANSFORMERS_CLASSES for name in dir(cls) if PRIVATE.match(name)}
+    instances = (transformers.PretrainedConfig(), transformers.GenerationConfig())  # attributes set in __init__
+    names = {name for owner in (*TRANSFORMERS_CLASSES, *instances) for name in dir(owner) if PRIVATE.match(name)}
     return names - set(dir(nn.Module)) - set(dir(object))
 
 

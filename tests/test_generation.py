@@ -56,19 +56,28 @@ def test_beam_search_rows_read_the_memory_of_their_own_prompt() -> None:
         assert together[row].tolist() == expected[0].tolist()
 
 
-@pytest.mark.parametrize("windows", [1, 2, 5, 13, 30])
-def test_every_token_generate_reads_is_stored_exactly_once(windows: int) -> None:
+@pytest.mark.parametrize("length", [8, 16, 19, 40, 104, 150, 237, 240])
+def test_every_token_generate_reads_is_stored_exactly_once(length: int) -> None:
     """Prompt and output (but the sinks and the last output token, which generate never feeds back) end up in memory
-    once each, whether the prompt fits one window or spans thirty, and a second call continues the positions."""
+    once each, for prompts of 1x to 30x the 8-token window, whole multiples or not (150 tokens: the 600-token prompt
+    through a 32-token window that once lost positions 600 and 602), and a second call continues the positions."""
     window = 8
     model = tiny_memorizing("llama", combine="joint", local_window=window, memory_size=1024)
-    prompt = _ids(windows * window, seed=windows)
+    prompt = _ids(length, seed=length)
     first = model.generate(prompt, max_new_tokens=6, do_sample=False, update_memory=True)
     assert stored_positions(model) == read_positions(model, first[0])
-    second = model.generate(_ids(window + 3, seed=100 + windows), max_new_tokens=3, do_sample=False, update_memory=True)
+    second = model.generate(_ids(window + 3, seed=100 + length), max_new_tokens=3, do_sample=False, update_memory=True)
     read_before = len(first[0]) - 1
     expected = read_positions(model, first[0]) + [read_before + p for p in read_positions(model, second[0])]
     assert stored_positions(model) == sorted(expected)
+
+
+def test_the_issue_case_stores_the_generated_positions_600_and_602() -> None:
+    """A 600-token prompt through a 32-token window, 6 new tokens: 604 entries, the generated positions among them."""
+    model = tiny_memorizing("llama", combine="joint", local_window=32, memory_size=1024)
+    sequence = model.generate(_ids(600, seed=600), max_new_tokens=6, do_sample=False, update_memory=True)[0]
+    assert stored_positions(model) == read_positions(model, sequence)
+    assert {600, 602} <= set(stored_positions(model))
 
 
 def test_transformers_chunked_prefill_reads_the_prompt_window_by_window_too() -> None:
