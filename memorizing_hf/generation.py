@@ -52,8 +52,9 @@ class MemorizingGenerationMixin(GenerationMixin):
                 retrieves it. With several sequences per prompt, the first one writes for the prompt. False (default):
                 `memory` stays exactly as it was.
             cache: a `MemorizingCache` (`model.new_cache()`) to continue: `generate` reads only the tokens of the
-                prompt it has not read yet, so a resent chat history is read once. An empty `DynamicCache` is
-                replaced by a `MemorizingCache`.
+                prompt it has not read yet, so a resent chat history is read once; `update_memory=True` moves what
+                it read, its window included, into `memory`. An empty `DynamicCache` is replaced by a
+                `MemorizingCache`.
 
         Everything else is as in transformers: greedy, sampling, beam search, `num_return_sequences`, assisted
         decoding, streamers, left-padded batches. `use_cache=False` changes nothing: the window cache is how a
@@ -143,10 +144,12 @@ class MemorizingGenerationMixin(GenerationMixin):
         return memory.entries()
 
     def _commit(self, cache: MemorizingCache, memory: Any) -> None:
-        """Write what `cache` read into `memory`: its window (but the sinks) joins what already left it, then the first
-        sequence of each prompt is appended to the prompt's memory row."""
+        """Move what `cache` read into `memory`: its window (but the sinks) joins what already left it, the first
+        sequence of each prompt is appended to the prompt's memory row, and the overflow is emptied, so that a call
+        continuing the cache reads (and commits) each token once, from memory."""
         if cache.sink_columns is None:
             return
         cache.evict(cache.num_columns - cache.sink_columns, self._rotary())
         rows = torch.arange(0, cache.overflow.num_rows, cache.per_prompt)
         memory.extend(cache.overflow, rows)
+        cache.overflow.reset()

@@ -18,6 +18,7 @@ from memorizing_hf import MemorizingForCausalLM, MemorizingModel
 from .conftest import VOCAB, read_positions, stored_positions, tiny_base, tiny_memorizing, tiny_tokenizer
 
 ARCHITECTURES = ["llama", "qwen2", "gpt2", "gemma2"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(length: int, seed: int, batch: int = 1) -> torch.Tensor:
@@ -91,23 +92,27 @@ def test_assisted_and_prompt_lookup_decoding_give_greedy_decoding_with_a_filled_
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_evaluation_harness_calls_of_any_batch_size_read_the_memory_and_change_nothing(arch: str) -> None:
     model = _reading(arch).eval()
+    base = tiny_base(arch)
     before = _snapshot(model)
     for batch in (3, 1, 5):  # lm-eval style: independent requests, changing batch sizes
         ids = _ids(20, seed=batch, batch=batch)
         with torch.no_grad():
             logits = model(ids).logits
-        # every row reads the one memorized document: as if it were alone
-        with torch.no_grad():
-            alone = model(ids[:1]).logits
-        torch.testing.assert_close(logits[:1], alone, atol=1e-5, rtol=1e-4)
+            # every row reads the one memorized document: as if it were alone (the same memory)
+            for row in range(batch):
+                alone = model(ids[row : row + 1]).logits
+                torch.testing.assert_close(logits[row : row + 1], alone, atol=1e-5, rtol=1e-4)
+            # ... and the memory is read: the rows differ from the base model's
+            assert (logits - base(ids).logits).abs().amax() > 1e-2
     assert _same_memory(model, before)
     fresh = tiny_memorizing(arch)  # empty memory: exactly the base model
     with torch.no_grad():
-        torch.testing.assert_close(fresh(_ids(20, 9, batch=4)).logits, tiny_base(arch)(_ids(20, 9, batch=4)).logits)
+        torch.testing.assert_close(fresh(_ids(20, 9, batch=4)).logits, base(_ids(20, 9, batch=4)).logits)
 
 
-def test_a_plain_trainer_is_warned_and_never_writes_memory(tmp_path, caplog) -> None:
-    model = tiny_memorizing("llama").train()
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_plain_trainer_is_warned_and_never_writes_memory(arch: str, tmp_path, caplog) -> None:
+    model = tiny_memorizing(arch).train()
     data = [{"input_ids": ids, "labels": ids} for ids in _ids(16, seed=4, batch=6)]
     args = transformers.TrainingArguments(tmp_path, max_steps=2, per_device_train_batch_size=2, report_to="none")
     if hasattr(logging.Logger.warning_once, "cache_clear"):  # transformers warns once per process
@@ -157,24 +162,56 @@ def test_set_attn_implementation_keeps_the_memory_attached(arch: str) -> None:
         model.set_attn_implementation("flash_attention_2")
 
 
-def test_generate_without_the_cache_with_a_dynamic_cache_and_a_resent_history_store_each_token_once() -> None:
-    model = tiny_memorizing("llama", combine="joint", local_window=8, memory_size=512)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_generate_without_the_cache_with_a_dynamic_cache_and_a_resent_history_store_each_token_once(arch: str) -> None:
+    model = tiny_memorizing(arch, combine="joint", local_window=8, memory_size=512)
     prompt = _ids(30, seed=9)
-    plain = model.generate(prompt, max_new_tokens=5, do_sample=False)
-    assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False), plain)
-    assert torch.equal(
-        model.generate(prompt, max_new_tokens=5, do_sample=False, cache=transformers.DynamicCache()), plain
-    )
+    settings = {"max_new_tokens": 5, "do_sample": False}
+    plain = model.generate(prompt, **settings)
+    assert torch.equal(model.generate(prompt, use_cache=False, **settings), plain)
+    assert torch.equal(model.generate(prompt, cache=transformers.DynamicCache(), **settings), plain)
     assert model.memory.is_empty()  # none of these calls asked to write
-    # a conversation continued with its cache: the resent history is not read (or stored) again
+    # update_memory=True: what a plain call stores, every token once, whether or not the call asks for a cache
+    assert torch.equal(model.generate(prompt, update_memory=True, **settings), plain)
+    stored, written = stored_positions(model), _snapshot(model)
+    assert stored == read_positions(model, plain[0])
+    for options in ({"use_cache": False}, {"cache": transformers.DynamicCache()}):
+        model.reset_memory()
+        assert torch.equal(model.generate(prompt, update_memory=True, **options, **settings), plain)
+        assert stored_positions(model) == stored and _same_memory(model, written)
+    model.reset_memory()
+    # a conversation continued with its cache, committed once at the end: the resent history is not read (or stored)
+    # again, and the answer is that of reading the whole conversation at once
     cache = model.new_cache()
-    first = model.generate(prompt, cache=cache, max_new_tokens=5, do_sample=False)
+    first = model.generate(prompt, cache=cache, **settings)
     turn = torch.cat([first, _ids(6, seed=10)], dim=1)
-    second = model.generate(turn, cache=cache, max_new_tokens=5, do_sample=False, update_memory=True)
+    at_once = model.generate(turn, **settings)
+    second = model.generate(turn, cache=cache, update_memory=True, **settings)
+    assert torch.equal(second, at_once)
     assert stored_positions(model) == read_positions(model, second[0])  # every token once, the sink excepted
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_resent_history_without_its_cache_is_stored_again(arch: str) -> None:
+    """`update_memory=True` writes everything the call read: a chat that resends its history without the cache stores
+    the history once more per turn, its positions continuing the row's count, as the README says. (The way to store each
+    token once, passing the cache back, is tested above.)"""
+    model = tiny_memorizing(arch, combine="joint", local_window=8, memory_size=512)
+    settings = {"max_new_tokens": 3, "do_sample": False, "update_memory": True}
+    first = model.generate(_ids(14, seed=9), **settings)
+    once = read_positions(model, first[0])
+    assert stored_positions(model) == once
+    turn = torch.cat([first, _ids(6, seed=10)], dim=1)
+    second = model.generate(turn, **settings)
+    again = [first.shape[1] - 1 + position for position in read_positions(model, second[0])]  # after the first read
+    assert stored_positions(model) == sorted(once + again)
+    layer = model.config.memory_layers[0]
+    assert model.memory.entries() == {layer: [len(once) + len(read_positions(model, second[0]))]}
+    if arch == "llama":  # counted by hand: 14 + 2 tokens fed, the sink not stored: 15; then 23 + 2 - 1 = 24 more
+        assert (len(once), model.memory.entries()[layer]) == (15, [39])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_accelerate_checkpoints_include_the_memory(arch: str, tmp_path) -> None:
     from accelerate import Accelerator
 
@@ -188,8 +225,9 @@ def test_accelerate_checkpoints_include_the_memory(arch: str, tmp_path) -> None:
     assert _same_memory(model, saved)
 
 
-def test_auto_model_loads_the_memorizing_decoder(tmp_path) -> None:
-    model = _reading("llama")
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_auto_model_loads_the_memorizing_decoder(arch: str, tmp_path) -> None:
+    model = _reading(arch)
     model.save_pretrained(tmp_path, save_memory=True)
     decoder = transformers.AutoModel.from_pretrained(tmp_path, memory_file="memory.safetensors")
     assert isinstance(decoder, MemorizingModel) and not isinstance(decoder, MemorizingForCausalLM)
@@ -199,14 +237,17 @@ def test_auto_model_loads_the_memorizing_decoder(tmp_path) -> None:
         expected = model(ids, output_hidden_states=True).hidden_states[-1]
         torch.testing.assert_close(hidden, expected, atol=1e-5, rtol=1e-4)
         decoder.reset_memory()
-        torch.testing.assert_close(decoder(ids).last_hidden_state, tiny_base("llama").model(ids).last_hidden_state)
+        base = tiny_base(arch).get_decoder()
+        torch.testing.assert_close(decoder(ids).last_hidden_state, base(ids).last_hidden_state)
 
 
-def test_save_pretrained_names_a_filled_memory_it_does_not_save(tmp_path, caplog) -> None:
-    model = _reading("llama")
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_save_pretrained_names_a_filled_memory_it_does_not_save(arch: str, tmp_path, caplog) -> None:
+    model = _reading(arch)
     with caplog.at_level("WARNING"):
         model.save_pretrained(tmp_path / "without")
     assert "save_memory=True" in caplog.text
+    assert not (tmp_path / "without" / "memory.safetensors").exists()
     model.save_pretrained(tmp_path / "with", save_memory=True)
     assert (tmp_path / "with" / "memory.safetensors").is_file()
     assert "MemoryBank(rows=1" in repr(model.memory) and "combine='joint'" in repr(model.knn_attention["1"])

@@ -80,6 +80,21 @@ def test_the_issue_case_stores_the_generated_positions_600_and_602() -> None:
     assert {600, 602} <= set(stored_positions(model))
 
 
+@pytest.mark.parametrize("commit_every_turn", [False, True])
+def test_a_chat_continuing_its_cache_stores_each_token_once(commit_every_turn: bool) -> None:
+    """Two turns through one cache: whether the first turn commits (update_memory=True) or only the last, every token
+    of the conversation is stored once; a commit moves the window into memory, so nothing is read twice either."""
+    model = tiny_memorizing("llama", combine="joint", local_window=8, memory_size=512)
+    cache = model.new_cache()
+    first = model.generate(
+        _ids(14, seed=9), cache=cache, max_new_tokens=3, do_sample=False, update_memory=commit_every_turn
+    )
+    chat = torch.cat([first, _ids(6, seed=10)], dim=1)
+    second = model.generate(chat, cache=cache, max_new_tokens=5, do_sample=False, update_memory=True)
+    assert stored_positions(model) == read_positions(model, second[0])
+    assert cache.overflow.entries() == model.new_memory().entries()  # committed: nothing left to read twice
+
+
 def test_transformers_chunked_prefill_reads_the_prompt_window_by_window_too() -> None:
     """`prefill_chunk_size` (transformers' own chunked prefill) hands the prompt over in chunks; at the window size it
     gives exactly what our streaming forward gives, and every token is still stored once."""
