@@ -37,6 +37,8 @@ MEMORY_FILE_FORMAT = "memorizing-hf-memory"
 MEMORY_FILE_VERSION = "1"
 _MIN_ALLOCATION = 1024  # slots allocated at the first write; storage then doubles up to the capacity
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_MAX_COUNT = 2**62  # entries written / tokens read per row: far beyond any document, and no int64 overflow after it
+_XL_TENSOR = re.compile(r"^extra\.(keys|values)\.(0|[1-9][0-9]*)$")  # the XL cache of one layer of the model
 
 
 class RetrievalBackend(Protocol):
@@ -119,7 +121,7 @@ class KNNMemory:
         allocated = self.keys.shape[2]
         if needed <= allocated:
             return
-        slots = allocated
+        slots = max(allocated, 1)  # a memory loaded with no slots grows too (doubling 0 never would)
         while slots < needed:
             slots *= 2
         slots = min(self.capacity, slots)
@@ -255,10 +257,13 @@ class MemoryBank:
         backend_factory: Callable[[], RetrievalBackend],
         dtype: torch.dtype | None = None,
         xl_sink_tokens: int = 1,
+        xl_layers: int | None = None,
     ) -> None:
         self.geometry = geometry
         self.backend_factory = backend_factory
         self.dtype = dtype
+        # Layers of the model whose XL cache a memory file may hold (every decoder layer: 0 .. xl_layers - 1).
+        self.xl_layers = xl_layers if xl_layers is not None else _model_layers(backend_factory)
         self.layers = {
             layer: KNNMemory(geometry.memory_size, geometry.num_kv_heads, geometry.head_dim, backend_factory(), dtype)
             for layer in geometry.layers
@@ -273,12 +278,14 @@ class MemoryBank:
         counts = {memory.num_rows for memory in self.layers.values() if not memory.is_empty()}
         if self.tokens_seen is not None:
             counts.add(self.tokens_seen.shape[0])
-        if not self.xl.is_empty():
+        if self.xl.length:
             counts.add(self.xl.valid.shape[0])
         return max(counts, default=0)
 
     def is_empty(self) -> bool:
-        return all(memory.is_empty() for memory in self.layers.values()) and self.xl.is_empty()
+        """No kNN entries and no XL cache. An XL cache of padding only (a segment without a real token) counts: the
+        next segment of its rows still meets it, so a batch of another size must not."""
+        return all(memory.is_empty() for memory in self.layers.values()) and not self.xl.length
 
     def entries(self) -> dict[int, list[int]]:
         """Valid entries per row, per layer."""
@@ -297,7 +304,7 @@ class MemoryBank:
 
     def new(self) -> MemoryBank:
         """An empty memory of the same geometry."""
-        return MemoryBank(self.geometry, self.backend_factory, self.dtype, self.xl.sink_tokens)
+        return MemoryBank(self.geometry, self.backend_factory, self.dtype, self.xl.sink_tokens, self.xl_layers)
 
     def copy(self) -> MemoryBank:
         """An independent copy (tensors cloned, retrieval indexes rebuilt)."""
@@ -544,8 +551,7 @@ class MemoryBank:
         known = {"tokens_seen", "extra.valid"} | {
             f"layer.{layer}.{name}" for layer in self.layers for name in ("keys", "values", "positions", "written")
         }
-        xl_layer = re.compile(r"^extra\.(keys|values)\.\d+$")  # the XL cache covers every layer of the model
-        unknown = sorted(name for name in tensors if name not in known and not xl_layer.match(name))
+        unknown = sorted(name for name in tensors if name not in known and not _XL_TENSOR.match(name))
         if unknown:
             raise ValueError(f"{source} holds tensors a memory does not have: {unknown}. Memory left unchanged.")
         for name, tensor in tensors.items():
@@ -562,13 +568,15 @@ class MemoryBank:
             checked.update({f"layer.{layer}.{name}": tensor for name, tensor in parts.items()})
         seen = tensors.get("tokens_seen")
         if seen is not None:
-            if seen.dim() != 1 or seen.dtype != torch.long or bool((seen < 0).any()):
-                raise ValueError(f"{source}: tokens_seen must be non-negative int64 counts per row. Memory unchanged.")
+            if seen.dim() != 1 or seen.dtype != torch.long or bool((seen < 0).any()) or bool((seen > _MAX_COUNT).any()):
+                raise ValueError(
+                    f"{source}: tokens_seen must be int64 counts per row in [0, 2**62]. Memory left unchanged."
+                )
             rows.add(seen.shape[0])
             checked["tokens_seen"] = seen
         xl = {name: tensor for name, tensor in tensors.items() if name.startswith("extra.")}
         if xl:
-            rows.add(self._check_xl(source, xl))
+            rows.add(self._check_xl(source, xl, dtype))
             checked.update(xl)
         if len(rows) > 1:
             raise ValueError(f"{source} holds different numbers of rows per tensor (corrupted?). Memory unchanged.")
@@ -600,32 +608,67 @@ class MemoryBank:
                 refuse(f"{name} have dtype {tensor.dtype}, not a floating point dtype")
         if positions.dtype != torch.long or written.dtype != torch.long:
             refuse("positions and written must be int64")
-        if bool((written < 0).any()) or bool((written > 2**62).any()):
+        if bool((written < 0).any()) or bool((written > _MAX_COUNT).any()):
             refuse("has entry counts out of range")
         lengths = written.clamp(max=memory.capacity)
         if bool((lengths > slots).any()):
             refuse("counts more entries than it stores")
         valid = torch.arange(slots).unsqueeze(0) < lengths.unsqueeze(1)  # [rows, slots]
-        for name, tensor in (("keys", keys), ("values", values)):
-            if not bool(torch.isfinite(tensor.float()).all(dim=(1, 3))[valid].all()):
-                refuse(f"{name} hold non-finite numbers")
-        if bool((positions[valid] < 0).any()):
-            refuse("has negative positions for stored entries")
         dtype = memory.dtype or (memory.keys.dtype if memory.keys is not None else dtype)
         if dtype is not None:  # cast to the memory's dtype, never switch it
-            parts["keys"], parts["values"] = keys.to(dtype), values.to(dtype)
+            keys, values = parts["keys"], parts["values"] = keys.to(dtype), values.to(dtype)
+        # Every slot, not only the valid ones: a row without entries still gathers slot 0 (weighted 0, but 0 * NaN is
+        # NaN). Checked as stored: a cast may overflow (fp64 1e300).
+        for name, tensor in (("keys", keys), ("values", values)):
+            if not bool(torch.isfinite(tensor).all()):
+                refuse(f"{name} hold non-finite numbers (in the memory's dtype)")
+        if bool((positions[valid] < 0).any()):
+            refuse("has negative positions for stored entries")
 
-    def _check_xl(self, source: str, xl: Mapping[str, torch.Tensor]) -> int:
+    def _check_xl(self, source: str, xl: dict[str, torch.Tensor], dtype: torch.dtype | None) -> int:
+        """Check the XL cache tensors `extra.*` of a file or state dict (and cast its keys/values, in `xl`, to the
+        cache's dtype); returns their number of rows. The cache holds `extra.keys.N` and `extra.values.N`
+        `[rows, kv_heads, tokens, head_dim]` for every layer N of the model, and `extra.valid` `[rows, tokens]`."""
+
+        def refuse(problem: str) -> None:
+            raise ValueError(f"{source}: the XL cache {problem}. Memory left unchanged.")
+
         valid = xl.get("extra.valid")
         if valid is None or valid.dtype != torch.bool or valid.dim() != 2:
-            raise ValueError(f"{source}: the XL cache lacks a bool 'extra.valid' [rows, tokens]. Memory unchanged.")
+            refuse("lacks a bool 'extra.valid' [rows, tokens]")
         rows, tokens = valid.shape
-        for name, tensor in xl.items():
-            if name == "extra.valid":
-                continue
-            fits = tensor.dim() == 4 and tensor.shape[0] == rows and tensor.shape[2] == tokens
-            if not fits or tensor.dtype not in _FLOAT_DTYPES or not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{source}: the XL cache tensor {name} does not fit. Memory left unchanged.")
+        if tokens and not rows:
+            refuse(f"holds {tokens} tokens for no rows")  # a forward of any batch would meet a cache of 0 rows
+        shape = (rows, self.geometry.num_kv_heads, tokens, self.geometry.head_dim)
+        held = {int(_XL_TENSOR.match(name).group(2)) for name in xl if name != "extra.valid"}
+        if self.xl_layers is not None:
+            expected = set(range(self.xl_layers))
+        elif self.xl.keys:  # a model of unknown depth: the layers its own cache holds, else every layer up to the last
+            expected = set(self.xl.keys)
+        else:
+            expected = set(range(max(held | set(self.geometry.layers), default=-1) + 1))
+        cast = next((tensor.dtype for tensor in self.xl.keys.values()), dtype)
+        beyond = sorted(held - expected)
+        if beyond:
+            refuse(f"holds layers {beyond} that the model does not have (its layers are 0-{max(expected, default=-1)})")
+        for layer in sorted(expected):
+            for kind in ("keys", "values"):
+                name = f"extra.{kind}.{layer}"
+                tensor = xl.get(name)
+                if tensor is None:
+                    refuse(f"lacks {name}: every layer 0-{max(expected)} needs its keys and values")
+                if tuple(tensor.shape) != shape:
+                    refuse(
+                        f"tensor {name} has shape {tuple(tensor.shape)}, not [rows, kv_heads, tokens, head_dim] = "
+                        f"{list(shape)}"
+                    )
+                if tensor.dtype not in _FLOAT_DTYPES:
+                    refuse(f"tensor {name} has dtype {tensor.dtype}, not a floating point dtype")
+                # Cast to the dtype the cache holds (the model's: `dtype` for an empty cache), never switch it; checked
+                # as stored, since a cast may overflow (fp64 1e300).
+                tensor = xl[name] = tensor.to(cast) if cast is not None else tensor
+                if not bool(torch.isfinite(tensor).all()):
+                    refuse(f"tensor {name} holds non-finite numbers (in the cache's dtype)")
         return rows
 
     def _replace(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -635,6 +678,16 @@ class MemoryBank:
             memory.load_state_tensors({n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)})
         self.tokens_seen = tensors.get("tokens_seen")
         self.xl.load_state_tensors({n[len("extra.") :]: t for n, t in tensors.items() if n.startswith("extra.")})
+
+
+def _model_layers(backend_factory: Callable[[], RetrievalBackend]) -> int | None:
+    """Decoder layers of the model a memory belongs to (its XL cache covers each one), read from the model's
+    configuration that its backend factory (`partial(make_backend, config)`) carries; None when it does not tell."""
+    for argument in getattr(backend_factory, "args", ()):
+        layers = getattr(getattr(argument, "text_config", None), "num_hidden_layers", None)
+        if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0:
+            return layers
+    return None
 
 
 def _checksum(geometry: str, tensors: Mapping[str, torch.Tensor]) -> str:

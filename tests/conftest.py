@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import string
 from collections.abc import Callable
 
 import pytest
 import torch
 import transformers
+from hypothesis import settings
 
 import memorizing_hf  # noqa: F401  (registers the Auto classes and attention functions)
 
 VOCAB = 96
+
+# Property-based tests run a bounded number of examples: "ci" by default, HYPOTHESIS_PROFILE=thorough for a long run.
+# (Tests that pin max_examples in their own @settings keep that number.)
+settings.register_profile("ci", max_examples=60, deadline=None)
+settings.register_profile("thorough", max_examples=1000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _llama_like(config_class: type, **extra: object) -> Callable[[], transformers.PretrainedConfig]:
