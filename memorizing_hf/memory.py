@@ -263,7 +263,7 @@ class MemoryBank:
         self.backend_factory = backend_factory
         self.dtype = dtype
         # Layers of the model whose XL cache a memory file may hold (every decoder layer: 0 .. xl_layers - 1).
-        self.xl_layers = xl_layers if xl_layers is not None else _model_layers(backend_factory)
+        self.xl_layers = xl_layers
         self.layers = {
             layer: KNNMemory(geometry.memory_size, geometry.num_kv_heads, geometry.head_dim, backend_factory(), dtype)
             for layer in geometry.layers
@@ -678,16 +678,6 @@ class MemoryBank:
             memory.load_state_tensors({n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)})
         self.tokens_seen = tensors.get("tokens_seen")
         self.xl.load_state_tensors({n[len("extra.") :]: t for n, t in tensors.items() if n.startswith("extra.")})
-
-
-def _model_layers(backend_factory: Callable[[], RetrievalBackend]) -> int | None:
-    """Decoder layers of the model a memory belongs to (its XL cache covers each one), read from the model's
-    configuration that its backend factory (`partial(make_backend, config)`) carries; None when it does not tell."""
-    for argument in getattr(backend_factory, "args", ()):
-        layers = getattr(getattr(argument, "text_config", None), "num_hidden_layers", None)
-        if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0:
-            return layers
-    return None
 
 
 def _checksum(geometry: str, tensors: Mapping[str, torch.Tensor]) -> str:

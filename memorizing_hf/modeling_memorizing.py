@@ -674,7 +674,9 @@ class MemorizingModel(MemorizingPreTrainedModel):
         geometry = replace(self.memory_geometry, memory_size=memory_size or self.config.memory_size)
         dtype = getattr(torch, self.config.memory_dtype) if self.config.memory_dtype else None
         backends = functools.partial(make_backend, self.config)
-        return MemoryBank(geometry, backends, dtype, self.config.xl_sink_tokens)
+        return MemoryBank(
+            geometry, backends, dtype, self.config.xl_sink_tokens, xl_layers=self.config.text_config.num_hidden_layers
+        )
 
     def new_cache(
         self, window: int | None = None, memory: MemoryBank | None = None, per_prompt: int = 1
