@@ -4,7 +4,8 @@ One memory-attention layer of SmolLM2-135M reading one 512-token segment: R=1 ba
 9 query heads x 512 tokens (M=1536 queries per key/value head), D=64, fp32, k=32, at 8,192 / 65,536 / 262,144
 stored entries. Prints a table and writes JSON (`--out`).
 
-    python benchmarks/bench_retrieval.py [--sizes 8192 65536 262144] [--repeats 5] [--out ...] [--profile]
+    python benchmarks/bench_retrieval.py [--sizes 8192 65536 262144] [--repeats 5] [--keys repeated] [--out ...]
+        [--profile]
 
 faiss runs in a subprocess: faiss and torch ship different OpenMP runtimes, and after faiss has run in a process
 torch's multi-threaded ops there become up to ~30x slower (the spinning faiss workers starve torch's).
@@ -33,11 +34,23 @@ from memorizing_hf.retrieval import exact_topk
 R, H, M, D = 1, 3, 9 // 3 * 512, 64
 
 
-def make_data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+PASSAGE = 40  # keys of the repeated passage (`--keys repeated`)
+
+
+def make_data(n: int, seed: int = 0, keys: str = "random") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random queries and keys, or (`keys="repeated"`) keys of a 40-token passage repeated to `n` entries with noise
+    of 1e-6 (as text repeating itself, like the passkey's filler, stores them) and queries near the passage's keys:
+    every query then has thousands of near-equal top scores."""
     gen = torch.Generator().manual_seed(seed + n)
+    if keys == "repeated":
+        passage = torch.randn(R, H, PASSAGE, D, generator=gen)
+        stored = passage.repeat(1, 1, -(-n // PASSAGE), 1)[:, :, :n] + 1e-6 * torch.randn(R, H, n, D, generator=gen)
+        pick = torch.randint(0, PASSAGE, (M,), generator=gen)
+        queries = passage[:, :, pick] + 0.3 * torch.randn(R, H, M, D, generator=gen)
+        return queries, stored, torch.tensor([n] * R)
     queries = torch.randn(R, H, M, D, generator=gen)
-    keys = torch.randn(R, H, n, D, generator=gen)
-    return queries, keys, torch.tensor([n] * R)
+    stored = torch.randn(R, H, n, D, generator=gen)
+    return queries, stored, torch.tensor([n] * R)
 
 
 def interleaved_times(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -98,12 +111,12 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def faiss_time(n: int, k: int, repeats: int) -> dict:
+def faiss_time(n: int, k: int, repeats: int, keys: str) -> dict:
     """Search time of one IndexFlatIP per head (built beforehand, not timed), in this process."""
     import faiss
 
     faiss.omp_set_num_threads(torch.get_num_threads())
-    queries, keys, _ = make_data(n)
+    queries, keys, _ = make_data(n, keys=keys)
     indexes = []
     for h in range(H):
         indexes.append(faiss.IndexFlatIP(D))
@@ -113,9 +126,9 @@ def faiss_time(n: int, k: int, repeats: int) -> dict:
     return summary(times["faiss"]) | {"faiss_threads": faiss.omp_get_max_threads()}
 
 
-def faiss_times_in_subprocess(sizes: list[int], k: int, repeats: int) -> tuple[dict[int, dict], str]:
+def faiss_times_in_subprocess(sizes: list[int], k: int, repeats: int, keys: str) -> tuple[dict[int, dict], str]:
     """faiss timings from a fresh process (see the module docstring), or ({}, why not)."""
-    command = [sys.executable, __file__, "--faiss-worker", "--k", str(k), "--repeats", str(repeats)]
+    command = [sys.executable, __file__, "--faiss-worker", "--k", str(k), "--repeats", str(repeats), "--keys", keys]
     command += ["--threads", str(torch.get_num_threads()), "--sizes"]
     try:
         worker = subprocess.run(command + [str(n) for n in sizes], capture_output=True, text=True, check=True)
@@ -125,9 +138,9 @@ def faiss_times_in_subprocess(sizes: list[int], k: int, repeats: int) -> tuple[d
     return {int(n): v for n, v in result.items()}, "faiss: IndexFlatIP per head, search only, in a subprocess"
 
 
-def measure(n: int, k: int, repeats: int) -> dict:
+def measure(n: int, k: int, repeats: int, keys: str) -> dict:
     """exact_topk (bf16 / fp32 first pass) and plain matmul + topk at n entries, and exact_topk's peak memory."""
-    queries, keys, lengths = make_data(n)
+    queries, keys, lengths = make_data(n, keys=keys)
     row: dict = {"n": n, "kv_bytes": 2 * keys.numel() * keys.element_size()}
 
     def exact_fp32_pass1() -> None:
@@ -161,12 +174,13 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/retrieval.json")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of exact_topk")
     parser.add_argument("--threads", type=int, help="torch (and faiss) threads; default: torch's default")
+    parser.add_argument("--keys", choices=["random", "repeated"], default="random", help="see make_data")
     parser.add_argument("--faiss-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.faiss_worker:
-        print(json.dumps({n: faiss_time(n, args.k, args.repeats) for n in args.sizes}))
+        print(json.dumps({n: faiss_time(n, args.k, args.repeats, args.keys) for n in args.sizes}))
         return
 
     threads = torch.get_num_threads()
@@ -181,6 +195,7 @@ def main() -> None:
         "load_average_before": os.getloadavg(),
         "matmul_2048_gflops": machine_gflops,
         "shape": {"R": R, "H": H, "M": M, "D": D, "k": args.k, "dtype": "float32"},
+        "keys": args.keys,
     }
     print(
         f"torch {torch.__version__}, {threads} threads, bf16 first pass: {info['bf16_first_pass']}, "
@@ -190,9 +205,9 @@ def main() -> None:
 
     results = []
     for n in args.sizes:
-        results.append(measure(n, args.k, args.repeats))
+        results.append(measure(n, args.k, args.repeats, args.keys))
         print(f"  measured n={n}", flush=True)
-    faiss_result, faiss_note = faiss_times_in_subprocess(args.sizes, args.k, args.repeats)
+    faiss_result, faiss_note = faiss_times_in_subprocess(args.sizes, args.k, args.repeats, args.keys)
     nan = {"median_s": float("nan"), "min_s": float("nan")}
     for row in results:
         row["faiss"] = faiss_result.get(row["n"], nan)

@@ -2,11 +2,11 @@
 the packaged memory adapter's layers 16-24).
 
 Reads one prompt through `generate(max_new_tokens=1)` and splits the wall time of the call into exact retrieval (and
-within it the dense re-search of queries with too many tied candidates), the joint local+memory softmax, memory
+within it the dense re-search of the queries that pass 1 could not bound), the joint local+memory softmax, memory
 writes, and the rest (the model's own layers). Two prompts: the passkey prompt (repeated filler: many near-equal keys)
 and real code (the first tokens of `typing.py`), of `--tokens` tokens each, once per value of `--candidates` (the
-retrieval's `CANDIDATES`: candidates kept per query, in multiples of k, before a query is searched again densely) and
-of `--joint` (the joint softmax by torch's fused attention kernel, as inference on CPU runs it, or eagerly).
+retrieval's `CANDIDATES`: candidates a query collects in pass 2, in multiples of k, before they are cut to its best k)
+and of `--joint` (the joint softmax by torch's fused attention kernel, as inference on CPU runs it, or eagerly).
 
     python benchmarks/profile_prompt_reading.py [--tokens 8192] [--window 1024] [--threads 2] [--candidates 4 16]
         [--joint fused eager]
@@ -34,7 +34,7 @@ from memorizing_hf import MemorizingForCausalLM, memory, modeling_memorizing, re
 
 PARTS = {  # label -> (owner, attribute): what is timed, outermost first
     "retrieval": (modeling_memorizing.KNNAttention, "_retrieve"),
-    "dense re-search (ties)": (retrieval, "redo_dense"),
+    "dense re-search": (retrieval, "redo_dense"),
     "joint softmax": (modeling_memorizing.KNNAttention, "_joint"),
     "memory writes": (memory.MemoryBank, "write"),
 }

@@ -11,18 +11,20 @@ untouched), and reads a long CPython standard-library module in 512-token segmen
 2. Recall: with the whole module memorized, the model is shown the lines that lead into functions defined
    thousands of tokens earlier, in a local window that holds nothing else, and guesses their signatures and
    docstrings token by token (each guess given the real text before it), with that memory and with empty memory.
-   Then `generate()` writes one of them on its own (greedy), compared with the module's real text.
+   Then `generate()` writes `--continued` of them on its own (greedy), compared with the module's real text, beside
+   the same call with the passage just read in its window (the ceiling).
 3. Passkey: a 5-digit key hidden early in `--passkey-tokens` of filler, asked for at the end. `generate()` streams the
    prompt through a 1024-token window into a fresh memory and answers; the base model, given the last 1024 tokens
    (what fits its window), answers too.
 
 Run: `python -m memorizing_experiments.demo [--module typing] [--tokens 12288] [--memory-adapter none]
-[--passkey-tokens N]`.
+[--continued N] [--passkey-tokens N]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 import time
 
@@ -88,46 +90,72 @@ def guessed(model: MemorizingForCausalLM, ids: torch.Tensor, cut: int, window: i
     return int((logits[0, -NEW_TOKENS - 1 : -1].argmax(-1) == tokens[0, -NEW_TOKENS:]).sum())
 
 
-def recall(model: MemorizingForCausalLM, tokenizer, ids: torch.Tensor, cuts: list[int], window: int) -> None:
-    """Part 2: the definitions' tokens guessed with the document in memory and without; one greedy continuation."""
-    prompt = ids[cuts[0] - LEAD_IN : cuts[0]][None]  # the lines before the first definition, and "def name("
-    truth = ids[cuts[0] : cuts[0] + NEW_TOKENS]
+def greedy(model: MemorizingForCausalLM, prompt: torch.Tensor, settings: dict) -> torch.Tensor:
+    """The greedy continuation of `prompt [T]`."""
+    prompt = prompt[None]
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)[0, prompt.shape[1] :]
+
+
+def matched(generated: torch.Tensor, truth: torch.Tensor) -> tuple[int, int]:
+    """Tokens of `generated` equal to the real text: at the same position, and in order (the matching blocks of an
+    alignment, so that one dropped or added token does not count every later token as wrong)."""
+    n = min(len(generated), len(truth))
+    blocks = difflib.SequenceMatcher(None, generated.tolist(), truth.tolist(), autojunk=False).get_matching_blocks()
+    return int((generated[:n] == truth[:n]).sum()), sum(block.size for block in blocks)
+
+
+def recall(
+    model: MemorizingForCausalLM, tokenizer, ids: torch.Tensor, cuts: list[int], window: int, continued: int
+) -> None:
+    """Part 2: the definitions' tokens guessed with the document in memory and without; greedy continuations of the
+    first `continued` of them."""
     settings = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "window": window, "update_memory": False}
     settings["pad_token_id"] = tokenizer.eos_token_id
-    guesses, outputs = {}, {}
-    for name in ("memory", "empty"):
-        if name == "empty":
+    columns = ("memory", "empty", "in window")
+    guesses = {}
+    generated = {column: [] for column in columns}
+    start_time = time.perf_counter()
+    for column in columns:
+        if column == "empty":
             model.reset_memory()
-        guesses[name] = [guessed(model, ids, cut, window) for cut in cuts]
-        if name == "empty":
-            guesses["in window"] = [guessed(model, ids, cut, window, twice=True) for cut in cuts]
-        start_time = time.perf_counter()
-        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)[0, prompt.shape[1] :]
-        outputs[name] = (generated, time.perf_counter() - start_time)
+        guesses[column] = [guessed(model, ids, cut, window, twice=column == "in window") for cut in cuts]
+        for cut in cuts[:continued]:  # in window: the lead-in and the definition read just before, memory empty
+            before = ids[cut - LEAD_IN : cut + NEW_TOKENS] if column == "in window" else ids[:0]
+            generated[column].append(greedy(model, torch.cat([before, ids[cut - LEAD_IN : cut]]), settings))
+    seconds = time.perf_counter() - start_time
     print(f"\nRecall: {len(cuts)} functions defined early in the module. Each is given its {LEAD_IN}-token lead-in")
     print(f"and its first {NEW_TOKENS} tokens (signature, docstring) in a fresh {window}-token window; we count the")
     print("tokens the model guesses right, each from the real text before it. Its earlier reading of them lies outside")
     print("the window: with memory it can retrieve it, with empty memory it cannot. 'in window' is the ceiling: the")
     print("same passage read twice in one window (no memory), the second copy scored.")
-    columns = ("memory", "empty", "in window")
     print(f"\n{'function':<28} {'read before end':>16}" + "".join(f"{column:>11}" for column in columns))
-    for index, cut in enumerate(cuts):
-        name = tokenizer.decode(ids[cut - 8 : cut]).rsplit("def ", 1)[-1].strip()
+    names = [tokenizer.decode(ids[cut - 8 : cut]).rsplit("def ", 1)[-1].strip() for cut in cuts]
+    for index, (name, cut) in enumerate(zip(names, cuts)):
         scores = "".join(f"{guesses[column][index]:>8}/{NEW_TOKENS}" for column in columns)
         print(f"{name:<28} {ids.numel() - cut:>9} tokens{scores}")
     total = len(cuts) * NEW_TOKENS
     print(f"{'all':<28} {'':>16}" + "".join(f"{sum(guesses[column]):>7}/{total}" for column in columns))
-    print(
-        f"\nGreedy continuation of the first one (no real text given). The prompt ends: "
-        f"{tokenizer.decode(prompt[0, -16:])!r}"
-    )
-    print(f"\n--- the module's real text ---\n{tokenizer.decode(truth)}")
-    for name, label in (("memory", "with the module in kNN memory"), ("empty", "same call, memory empty")):
-        generated, seconds = outputs[name]
-        n = min(len(generated), len(truth))
-        same = int((generated[:n] == truth[:n]).sum())
-        print(f"\n--- {label}: {same}/{NEW_TOKENS} tokens equal to the real text ({seconds:.1f}s) ---")
-        print(tokenizer.decode(generated))
+
+    print(f"\nGreedy continuations (no real text given) of {continued} of them, against the module's real text:")
+    print("tokens equal at the same position / in order (one token dropped shifts every later position).")
+    print(f"\n{'function':<28}" + "".join(f"{column:>13}" for column in columns))
+    for index, cut in enumerate(cuts[:continued]):
+        truth = ids[cut : cut + NEW_TOKENS]
+        counts = [matched(generated[column][index], truth) for column in columns]
+        print(f"{names[index]:<28}" + "".join(f"{same:>6} / {in_order:>3}" for same, in_order in counts))
+    print(f"(recall and continuations: {seconds:.0f}s)")
+    first = cuts[0]
+    print(f"\nThe first one. The prompt ends: {tokenizer.decode(ids[first - 16 : first])!r}")
+    print(f"\n--- the module's real text ---\n{tokenizer.decode(ids[first : first + NEW_TOKENS])}")
+    labels = {
+        "memory": "with the module in kNN memory",
+        "empty": "same call, memory empty",
+        "in window": "memory empty, the passage read just before in the window (the ceiling)",
+    }
+    for column, label in labels.items():
+        same, in_order = matched(generated[column][0], ids[first : first + NEW_TOKENS])
+        print(f"\n--- {label}: {same}/{NEW_TOKENS} tokens equal, {in_order}/{NEW_TOKENS} in order ---")
+        print(tokenizer.decode(generated[column][0]))
 
 
 def window_tail(ids: list[int], sinks: int, window: int) -> list[int]:
@@ -163,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=parse_layers, help="memory layers (default: the adapter's, or 16-24)")
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--memory-score-bias", type=float, default=0.0, help="joint mode's bias on retrieved scores")
+    parser.add_argument("--continued", type=int, default=1, help="definitions continued greedily (of 8)")
     parser.add_argument("--passkey-tokens", type=int, default=8192, help="passkey prompt length (0: no passkey)")
     parser.add_argument("--passkey-depth", type=float, default=0.1, help="where the key is hidden (0: start, 1: end)")
     args = parser.parse_args(argv)
@@ -201,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     if not cuts:
         print(f"\n(no top-level function with a docstring in the first half of {source.name}: recall skipped)")
         return
-    recall(model, tokenizer, ids, cuts, window=args.segment)
+    recall(model, tokenizer, ids, cuts, window=args.segment, continued=max(args.continued, 1))
     if args.passkey_tokens:
         passkey(model, base, tokenizer, args.passkey_tokens, args.passkey_depth, window=2 * args.segment)
 

@@ -108,12 +108,21 @@ class XLCache:
         rotary: Rotary | None,
     ) -> None:
         """Keep the segment just read (`new`: layer -> its keys/values, rotated at positions `start`, `start + 1`, ...)
-        as the previous segment, moved to positions 0, 1, ... for the next call."""
+        as the previous segment, moved to positions 0, 1, ... for the next call.
+
+        A token whose key or value is not finite in any layer is kept as an invalid, zeroed column: masked out, and
+        unable to spread NaN through a zero attention weight (0 * NaN) into the next segment.
+        """
+        valid = real.clone()
+        for key, value in new.values():
+            valid &= torch.isfinite(key).all(dim=(1, 3)) & torch.isfinite(value).all(dim=(1, 3))
         for layer, (key, value) in new.items():
             if rotary is not None and start:
                 key = rotary.rotate(key, torch.full(real.shape, -start, device=key.device))
-            self.keys[layer], self.values[layer] = key.detach(), value.detach()
-        self.valid = real.clone()
+            keep = valid.to(key.device)[:, None, :, None]
+            self.keys[layer] = torch.where(keep, key.detach(), 0.0)
+            self.values[layer] = torch.where(keep, value.detach(), 0.0)
+        self.valid = valid
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors that describe the cache exactly."""

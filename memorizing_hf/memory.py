@@ -473,8 +473,9 @@ class MemoryBank:
         return {"geometry": json.dumps(self.geometry.as_metadata(), sort_keys=True), **tensors}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace the memory by a `state_dict`; checked completely before anything changes."""
-        state = dict(state)
+        """Replace the memory by a copy of a `state_dict` (later changes to its tensors do not reach the memory);
+        checked completely before anything changes."""
+        state = {name: value.detach().clone() if torch.is_tensor(value) else value for name, value in state.items()}
         geometry = state.pop("geometry", None)
         stored = json.loads(geometry) if isinstance(geometry, str) else None
         self._replace(self._checked("state dict", stored, state))

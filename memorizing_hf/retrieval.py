@@ -21,8 +21,8 @@ and spends almost all its time in one kind of matmul. On CPU it makes two passes
    k=32: 40-50 of 1,024 groups per query), batched per group (each group's keys meet all the queries that selected
    it in one small matmul; groups taken in order of their number of queries, so that padding them to equal size in
    a batch costs little), and keeps the scores >= `low`. Their top-k is the exact top-k of the fp32 scores (one
-   integer sort of (query, score) keys). A query with too many candidates (many equal scores) is searched again
-   densely.
+   integer sort of (query, score) keys). A query that collects many candidates (text that repeats itself gives
+   many near-equal scores) keeps only its best k so far, and its threshold rises to the k-th of them.
 
 On CUDA, data-dependent shapes would need host synchronisations, so the GPU path keeps a running top-k with one
 `topk` per block instead (`_search_dense`, also the CPU path for small memories and few queries).
@@ -64,9 +64,9 @@ MIN_SUB_BLOCK = 32
 THRESHOLD_SUB_BLOCKS = 8
 # Slots scored (in fp32) before pass 1 to choose every query's shift of its pass-1 scores (see `_pass1_bound`).
 SHIFT_SAMPLE = 256
-# Candidates per query collected by pass 2, in multiples of k; a query with more is searched again densely. 16, not
-# fewer: text that repeats a passage many times (the passkey's filler) gives many near-equal scores within pass 1's
-# error bound (docs/performance.md, the prompt-reading profile). At most 16 k x 13 bytes are kept per query.
+# Candidates per query collected by pass 2, in multiples of k, before every query's are cut to its best k so far
+# (text that repeats a passage many times, like the passkey's filler, gives many near-equal scores within pass 1's
+# error bound). At most 16 k x 13 bytes are kept per query, plus one pass-2 window's.
 CANDIDATES = 16
 # Pass 1 on CPU scores in bf16 where the CPU has native bf16 dot products (avx512_bf16 / amx_bf16), else in fp32.
 # None = detect, True / False = force (pass 2 is always fp32, so the result is exact either way).
@@ -205,9 +205,9 @@ def _search_two_pass(
     """
     RH, T, D = q.shape
     low, selected, short = _pass1_bound(q, keys, row_len, n, lo, k, sub, approx)
-    hit_q, hit_s, hit_i, overflow = score_groups(q, keys, row_len, lo, k, sub, low, selected, short)
+    hit_q, hit_s, hit_i = score_groups(q, keys, row_len, lo, k, sub, low, selected)
     scores, indices = top_k_per_query(hit_q, hit_s, hit_i, RH * T, k)
-    redo_dense(q, keys, row_len, n, lo, k, overflow, scores, indices)
+    redo_dense(q, keys, row_len, n, lo, k, short, scores, indices)
     return scores, indices
 
 
@@ -223,7 +223,7 @@ def redo_dense(
     indices: torch.Tensor,
 ) -> None:
     """Search the queries `redo` (`[RH * T]` bool) of `q [RH, T, D]` densely, into `scores`/`indices [RH * T, k]`:
-    the queries whose candidates overflowed. They are packed per head, padded with copies of a query."""
+    the queries pass 1 could not bound. They are packed per head, padded with copies of a query."""
     RH, T, D = q.shape
     redo = redo.nonzero().squeeze(1)
     if not redo.numel():
@@ -249,17 +249,17 @@ def score_groups(
     sub: int,
     low: torch.Tensor,
     selected: torch.Tensor,
-    short: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pass 2 of `_search_two_pass`: the fp32 scores >= `low` of the selected (head, group, query) triples.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass 2 of `_search_two_pass`: the candidates' queries, fp32 scores and slots (1-D, unordered), a superset of
+    every query's top-k among the selected (head, group, query) triples.
 
-    Returns the candidates' queries, scores and slots (1-D, unordered) and the queries to search densely instead
-    (`[RH * T]` bool: `short`, or more than `CANDIDATES * k` candidates, e.g. many equal scores).
+    A candidate's score reaches its query's threshold, which starts at `low` and, once the query has collected more
+    than `CANDIDATES * k` candidates (many near-equal scores), rises to the k-th best of them: k scores at least that
+    high are found, so nothing below it can enter the top-k, and the query's candidates shrink to those k.
     """
     Q = q.shape[0] * q.shape[1]
     cap = CANDIDATES * k
     count = torch.zeros(Q, dtype=torch.long, device=q.device)
-    overflow = short
     empty = torch.zeros(0, dtype=torch.long, device=q.device)
     found = [(empty, torch.zeros(0, device=q.device), empty)]
     head, group, token = selected.nonzero(as_tuple=True)  # sorted by (head, group): each group's pairs contiguous
@@ -267,18 +267,20 @@ def score_groups(
     del selected
     pairs = (head * num_groups + group, head * q.shape[1] + token)
     for row_query, valid, window_slots, s in scored_groups(q, keys, row_len, lo, sub, pairs, num_groups):
-        hit_q, hit_s, hit_i = hits(row_query, torch.where(valid, low[row_query], float("inf")), window_slots, s)
-        count += torch.bincount(hit_q, minlength=Q)
-        overflow = overflow | (count > cap)
-        drop = overflow[hit_q]
-        if bool(drop.any()):  # rare: bounds the candidates kept, whatever the number of equal scores
-            hit_q, hit_s, hit_i = hit_q[~drop], hit_s[~drop], hit_i[~drop]
-        found.append((hit_q, hit_s, hit_i))
+        found.append(hits(row_query, torch.where(valid, low[row_query], float("inf")), window_slots, s))
+        count += torch.bincount(found[-1][0], minlength=Q)
+        crowded = count > cap
+        if bool(crowded.any()):  # those queries keep their best k so far, and their thresholds rise to the k-th
+            hit_q, hit_s, hit_i = (torch.cat(part) for part in zip(*found))
+            cut = crowded[hit_q]
+            scores, indices = top_k_per_query(hit_q[cut], hit_s[cut], hit_i[cut], Q, k)  # -inf, -1 for the others
+            low = torch.maximum(low, scores[:, -1])
+            kept = indices >= 0
+            best_q = torch.arange(Q, device=q.device)[:, None].expand(Q, k)[kept]
+            found = [(hit_q[~cut], hit_s[~cut], hit_i[~cut]), (best_q, scores[kept], indices[kept])]
+            count = torch.where(crowded, kept.sum(dim=1), count)
     hit_q, hit_s, hit_i = (torch.cat(part) for part in zip(*found))
-    drop = overflow[hit_q]  # queries that overflowed after some of their candidates were kept
-    if bool(drop.any()):
-        hit_q, hit_s, hit_i = hit_q[~drop], hit_s[~drop], hit_i[~drop]
-    return hit_q, hit_s, hit_i, overflow
+    return hit_q, hit_s, hit_i
 
 
 def scored_groups(

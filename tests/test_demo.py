@@ -1,8 +1,10 @@
-"""The demo's pure parts: where its recall part cuts the document."""
+"""The demo's pure parts: where its recall part cuts the document, and how it scores a continuation."""
 
 from __future__ import annotations
 
-from memorizing_experiments.demo import definition_cuts
+import torch
+
+from memorizing_experiments.demo import definition_cuts, matched
 
 TEXT = '''import os
 
@@ -48,3 +50,12 @@ def test_cuts_outside_the_token_range_are_left_out():
     everything = definition_cuts(TEXT, char_offsets(TEXT), 0, len(TEXT))
     assert definition_cuts(TEXT, char_offsets(TEXT), everything[0] + 1, len(TEXT)) == everything[1:]
     assert definition_cuts(TEXT, char_offsets(TEXT), 0, everything[1] - 1) == everything[:1]
+
+
+def test_a_dropped_token_costs_one_token_in_order_and_every_later_one_by_position() -> None:
+    truth = torch.arange(10, 58)
+    dropped = torch.cat([truth[:6], truth[7:], torch.tensor([99])])  # the real text without its 7th token
+    assert matched(dropped, truth) == (6, 47)
+    assert matched(truth, truth) == (48, 48)
+    assert matched(torch.full((48,), 5), truth) == (0, 0)
+    assert matched(truth[:20], truth) == (20, 20)  # a continuation that stopped early

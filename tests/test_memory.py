@@ -174,6 +174,19 @@ def test_memory_file_round_trip_is_exact(tmp_path) -> None:
     assert torch.equal(bank.tokens_seen, other.tokens_seen)
 
 
+def test_a_loaded_state_dict_is_a_copy() -> None:
+    """As `nn.Module.load_state_dict` copies into its parameters, the memory keeps its own tensors."""
+    bank = filled_bank()
+    state = bank.state_dict()
+    other = bank.new()
+    other.load_state_dict(state)
+    expected = snapshot(other)
+    for value in state.values():
+        if torch.is_tensor(value):
+            value.zero_()
+    assert_same(snapshot(other), expected)
+
+
 def test_memory_file_for_another_geometry_is_refused_and_changes_nothing(tmp_path) -> None:
     wide = dataclasses.replace(GEOMETRY, head_dim=8)
     MemoryBank(wide, ExactBackend).save(tmp_path / "memory.safetensors")

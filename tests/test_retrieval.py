@@ -18,7 +18,8 @@ NINF = float("-inf")
 
 # Search paths of exact_topk on CPU. "small" shrinks every size so that tiny memories still take the two-pass path
 # with several blocks, partial last blocks, several pass-2 windows, query tiles, coarse threshold maxima and
-# shifted pass-1 scores; "overflow" additionally makes most queries overflow into the dense re-search; "no_shift"
+# shifted pass-1 scores; "crowded" additionally makes most queries collect more candidates than they may keep (their
+# thresholds rise to their best k so far); "no_shift"
 # leaves pass-1 scores unshifted, so that queries with a negative threshold are searched densely; "dense" forces the
 # dense path (the CUDA one); "fp32" disables the bf16 first pass.
 SMALL = {
@@ -37,7 +38,7 @@ PATHS = {
     "bf16": {"APPROX_BF16": True},
     "small": SMALL | {"THRESHOLD_SUB_BLOCKS": 2, "APPROX_BF16": True},
     "small_fp32": SMALL | {"APPROX_BF16": False},
-    "overflow": SMALL | {"PASS2_BYTES": 2**11, "CANDIDATES": 1, "APPROX_BF16": True},
+    "crowded": SMALL | {"PASS2_BYTES": 2**11, "CANDIDATES": 1, "APPROX_BF16": True},
     "no_shift": SMALL | {"SHIFT_SAMPLE": 0, "APPROX_BF16": True},
     "dense": {"MIN_QUERIES": 2**30, "MIN_BLOCK": 8, "BLOCK_BYTES": 2**14},
 }
@@ -126,6 +127,24 @@ def test_clustered_and_tied(path):
     int_keys = torch.randint(-2, 3, (R, H, C, D), generator=gen).float()  # many exactly equal scores
     int_queries = torch.randint(-2, 3, (R, H, M, D), generator=gen).float()
     check(int_queries, int_keys, lengths, k, *exact_topk(int_queries, int_keys, lengths, k), rtol=0.0)
+
+
+@pytest.mark.parametrize("approx,noise", [(True, 1e-4), (False, 1e-4), (False, 0.0)])
+def test_a_repeated_passage_is_searched_without_a_dense_pass(monkeypatch, approx, noise):
+    """Keys of a passage repeated 2,048 times (the passkey's filler): thousands of equal or near-equal scores per
+    query. The result stays exact, and no query falls back to a dense search of the whole memory."""
+    monkeypatch.setattr(retrieval, "APPROX_BF16", approx)
+    dense_calls = []
+    search_dense = retrieval._search_dense
+    monkeypatch.setattr(retrieval, "_search_dense", lambda *args: dense_calls.append(1) or search_dense(*args))
+    gen = torch.Generator().manual_seed(11)
+    R, H, M, D, C, k, period = 1, 2, 96, 64, 32768, 32, 16
+    passage = torch.randn(H, period, D, generator=gen)
+    keys = passage.repeat(1, C // period, 1)[None] + noise * torch.randn(R, H, C, D, generator=gen)
+    queries = passage[:, torch.randint(0, period, (M,), generator=gen)][None] + 0.1 * torch.randn(R, H, M, D)
+    lengths = torch.tensor([C])
+    check(queries, keys, lengths, k, *exact_topk(queries, keys, lengths, k))
+    assert not dense_calls
 
 
 def negative_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -220,6 +220,22 @@ def test_non_finite_keys_are_never_stored_and_do_not_silence_the_row() -> None:
     assert torch.isfinite(output).all() and output[0].abs().sum() > 0
 
 
+def test_a_non_finite_token_in_the_xl_cache_does_not_reach_the_next_segment() -> None:
+    model, clean = filled(xl_cache=True), filled(xl_cache=True)
+    first = torch.randint(3, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    embeddings = model.get_input_embeddings()(first).detach()
+    clean(inputs_embeds=embeddings.clone(), update_memory=True)
+    embeddings[0, 5] = math.nan
+    model(inputs_embeds=embeddings, update_memory=True)
+    xl = model.memory.xl
+    assert not bool(xl.valid[0, 5]) and bool(xl.valid[1].all())
+    assert all(torch.isfinite(tensor).all() for tensor in xl.state_tensors().values() if tensor.is_floating_point())
+    ids = torch.randint(3, 96, (2, 16), generator=torch.Generator().manual_seed(4))
+    logits, reference = model(ids).logits, clean(ids).logits
+    assert torch.isfinite(logits).all()  # row 0 reads what was finite in its previous segment
+    assert torch.equal(logits[1], reference[1])  # row 1 reads exactly what it would have
+
+
 def test_reset_takes_bool_masks_and_indices_and_refuses_the_rest() -> None:
     model = filled()
     model.reset_memory([True, False])
