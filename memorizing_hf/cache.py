@@ -26,6 +26,12 @@ if TYPE_CHECKING:
     from .memory import MemoryBank
 
 
+def finite_tokens(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`[rows, tokens]` bool: the tokens whose keys and values `[rows, heads, tokens, head_dim]` are finite in every
+    head (one NaN key or value, once attended to or retrieved, spreads NaN through a zero weight)."""
+    return torch.isfinite(keys).all(dim=(1, 3)) & torch.isfinite(values).all(dim=(1, 3))
+
+
 class XLCache:
     """Previous-segment keys/values per layer, `[rows, kv_heads, tokens, head_dim]`, and which of them are real."""
 
@@ -115,7 +121,7 @@ class XLCache:
         """
         valid = real.clone()
         for key, value in new.values():
-            valid &= torch.isfinite(key).all(dim=(1, 3)) & torch.isfinite(value).all(dim=(1, 3))
+            valid &= finite_tokens(key, value)
         for layer, (key, value) in new.items():
             if rotary is not None and start:
                 key = rotary.rotate(key, torch.full(real.shape, -start, device=key.device))

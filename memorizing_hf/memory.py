@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from .cache import XLCache
+from .cache import XLCache, finite_tokens
 from .rotary import Rotary
 
 MEMORY_FILE_FORMAT = "memorizing-hf-memory"
@@ -145,8 +145,7 @@ class KNNMemory:
         batch_size = keys.shape[0]
         if self.num_rows not in (0, batch_size) and not self.is_empty():
             raise ValueError(f"This memory holds {self.num_rows} rows; a write of {batch_size} rows cannot go to it.")
-        finite = torch.isfinite(keys).all(dim=(1, 3)) & torch.isfinite(values).all(dim=(1, 3))
-        store = store.to(keys.device) & finite
+        store = store.to(keys.device) & finite_tokens(keys, values)
         counts = store.sum(dim=1)
         if self.written is None or self.num_rows != batch_size:
             self._allocate(batch_size, int(counts.max()), keys)
