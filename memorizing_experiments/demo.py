@@ -3,7 +3,8 @@
 SmolLM2-135M (fetched from PyPI and converted once, offline) is turned into a memorizing model in joint mode (the
 retrieved keys join the local softmax), with memory on layers 16-24 and the packaged memory adapter (one learned
 weight of retrieved entries per head, trained on other documents: training/memory_adapter.py; the base weights are
-untouched), and reads a long CPython standard-library module in 512-token segments.
+untouched) and the retrieved entries' scores spread around each query's best by `--memory-sharpness` (2, chosen on
+other modules), and reads a long CPython standard-library module in 512-token segments.
 
 1. Perplexity of each segment given (A) the segment alone, (W) a recomputed 1024-token window, and (M) what the
    paper's model sees: the segment, the previous one (XL cache) and kNN memory of everything read before; the same
@@ -18,7 +19,7 @@ untouched), and reads a long CPython standard-library module in 512-token segmen
    (what fits its window), answers too.
 
 Run: `python -m memorizing_experiments.demo [--module typing] [--tokens 12288] [--memory-adapter none]
-[--continued N] [--passkey-tokens N]`.
+[--memory-sharpness 1] [--continued N] [--passkey-tokens N]`.
 """
 
 from __future__ import annotations
@@ -191,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=parse_layers, help="memory layers (default: the adapter's, or 16-24)")
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--memory-score-bias", type=float, default=0.0, help="joint mode's bias on retrieved scores")
+    parser.add_argument(
+        "--memory-sharpness", type=float, default=2.0, help="joint mode's spread of retrieved scores (1: off)"
+    )
     parser.add_argument("--continued", type=int, default=1, help="definitions continued greedily (of 8)")
     parser.add_argument("--passkey-tokens", type=int, default=8192, help="passkey prompt length (0: no passkey)")
     parser.add_argument("--passkey-depth", type=float, default=0.1, help="where the key is hidden (0: start, 1: end)")
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         memory_size=65536,
         memory_top_k=args.top_k,
         memory_score_bias=args.memory_score_bias,
+        memory_sharpness=args.memory_sharpness,
         xl_cache=True,  # the paper's local context: the previous segment's keys and values, then the segment's own
         **({"memory_layers": layers} if layers else {}),
     )
@@ -218,7 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     ids = torch.tensor(encoding["input_ids"][: args.tokens])
     layers = model.config.memory_layers
     print(f"SmolLM2-135M reads {source} ({ids.numel()} tokens) in {args.segment}-token segments;")
-    print(f"memory: joint mode, layers {layers[0]}-{layers[-1]}, top-{args.top_k}, sinks never stored,")
+    print(
+        f"memory: joint mode, layers {layers[0]}-{layers[-1]}, top-{args.top_k}, sharpness {args.memory_sharpness:g}, "
+        "sinks never stored,"
+    )
     print(
         f"memory adapter {adapter!r} (per-head weights of retrieved entries, trained on other documents)"
         if adapter

@@ -81,6 +81,12 @@ class MemorizingConfig(PretrainedConfig):
             whole window of local keys; a bias of about 1 lets a retrieved fact win, at a small cost in perplexity
             (docs/results.md, long-context recall). Read at every call: `model.config.memory_score_bias = 1.0` applies
             at once.
+        memory_sharpness (`float`, *optional*, defaults to 1.0):
+            Joint mode: the retrieved entries' logits are spread around the best one's by this factor (a temperature
+            of 1 / sharpness among them), leaving the best entry's weight against the local keys as it was. A long
+            memory holds many more near-matches than a window (every token that followed a `(` in a long module):
+            the right entry, retrieved first, shares its weight with them; 2 concentrates it (docs/results.md,
+            definition recall). Read at every call, like `memory_score_bias`.
         sink_tokens (`int`, *optional*, defaults to 1):
             Number of tokens at the start of every segment (and so of every document) that are never written to
             memory. These are attention sinks: stored, every query retrieves them and memory hurts.
@@ -133,6 +139,7 @@ class MemorizingConfig(PretrainedConfig):
         gate_init: float = 0.0,
         memory_scale_init: float | None = None,
         memory_score_bias: float = 0.0,
+        memory_sharpness: float = 1.0,
         sink_tokens: int = 1,
         never_store_token_ids: list[int] | None = None,
         rotary_placement: str = "fixed",
@@ -192,6 +199,8 @@ class MemorizingConfig(PretrainedConfig):
             raise ValueError(f"local_window must be an integer >= 1, got {local_window!r}.")
         if not isinstance(memory_score_bias, (int, float)) or not math.isfinite(memory_score_bias):
             raise ValueError(f"memory_score_bias must be a finite number, got {memory_score_bias!r}.")
+        if not isinstance(memory_sharpness, (int, float)) or not 0 < memory_sharpness < math.inf:
+            raise ValueError(f"memory_sharpness must be a finite number > 0 (1: off), got {memory_sharpness!r}.")
         if faiss_nprobe < 1:
             raise ValueError(f"faiss_nprobe must be >= 1, got {faiss_nprobe!r}.")
         if page_budget is not None and not 0 < page_budget <= 1:
@@ -213,6 +222,7 @@ class MemorizingConfig(PretrainedConfig):
         self.gate_init = float(gate_init)
         self.memory_scale_init = memory_scale_init
         self.memory_score_bias = float(memory_score_bias)
+        self.memory_sharpness = float(memory_sharpness)
         self.sink_tokens = sink_tokens
         self.never_store_token_ids = list(never_store_token_ids)
         self.rotary_placement = rotary_placement

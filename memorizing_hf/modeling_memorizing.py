@@ -128,7 +128,8 @@ class KNNAttention(nn.Module):
     Gate mode (the paper): memory attention has its own softmax over the retrieved keys, with L2-normalised queries
     and keys scaled by a learned per-head factor; a learned per-head gate g = sigmoid(b) gives
     out = g * memory + (1 - g) * local. Joint mode: the retrieved keys join the local softmax, their scores shifted by
-    `config.memory_score_bias` plus a per-head `memory_bias` (zero until trained: a memory adapter).
+    `config.memory_score_bias` plus a per-head `memory_bias` (zero until trained: a memory adapter) and spread around
+    each query's best entry by `config.memory_sharpness`.
     Rows whose memory is empty get exactly the local result. The module holds parameters only, never memory.
     """
 
@@ -141,7 +142,7 @@ class KNNAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.query_offset = config.memory_query_offset
-        self.config = config  # memory_score_bias is read at every call: it may be changed on a loaded model
+        self.config = config  # memory_score_bias and memory_sharpness are read at every call: they may change
         if self.combine == "gate":
             scale = config.memory_scale_init or math.sqrt(head_dim)
             self.gate_bias = nn.Parameter(torch.full((self.num_heads,), config.gate_init))
@@ -345,13 +346,19 @@ class KNNAttention(nn.Module):
     def _memory_logits(
         self, mem_scores: torch.Tensor, valid: torch.Tensor, scaling: float, softcap: float | None = None
     ) -> torch.Tensor:
-        """The retrieved entries' logits in the joint softmax `[B, H, t, k]` (fp32): scaled, softcapped, raised by the
-        per-head and global memory biases; -inf where no entry was retrieved."""
+        """The retrieved entries' logits in the joint softmax `[B, H, t, k]` (fp32): scaled, softcapped, spread around
+        each query's best by `memory_sharpness`, raised by the per-head and global memory biases; -inf where no entry
+        was retrieved."""
         memory = mem_scores.float() * scaling
         if softcap is not None:
             memory = torch.tanh(memory / softcap) * softcap
-        memory = memory + (self.memory_bias.float().view(1, -1, 1, 1) + self.config.memory_score_bias)
-        return memory.masked_fill(~valid, float("-inf"))
+        memory = memory.masked_fill(~valid, float("-inf"))
+        sharpness = self.config.memory_sharpness
+        if sharpness != 1.0:
+            best = memory.amax(-1, keepdim=True)
+            best = best.masked_fill(best == float("-inf"), 0.0)  # a query that retrieved nothing
+            memory = best + sharpness * (memory - best)
+        return memory + (self.memory_bias.float().view(1, -1, 1, 1) + self.config.memory_score_bias)
 
     def _joint_tile(
         self,

@@ -57,6 +57,8 @@ def test_round_trip_through_dict_and_auto_config(tmp_path) -> None:
         ({"sink_tokens": -1}, "sink_tokens must be"),
         ({"xl_sink_tokens": 1.5}, "xl_sink_tokens must be"),
         ({"memory_score_bias": float("nan")}, "memory_score_bias must be a finite number"),
+        ({"memory_sharpness": 0.0}, "memory_sharpness must be a finite number > 0"),
+        ({"memory_sharpness": float("inf")}, "memory_sharpness must be a finite number > 0"),
         ({"page_budget": 0}, "page_budget must be in (0, 1]"),
     ],
 )

@@ -76,7 +76,9 @@ def _naive_reference(
         knn = model.knn_attention[str(layer)]
         if model.config.combine == "joint":
             bias = model.config.memory_score_bias + knn.memory_bias.view(1, heads, 1, 1)
-            memory_scores = q_mem @ k_mem.transpose(2, 3) * attention.scaling + bias
+            memory_scores = q_mem @ k_mem.transpose(2, 3) * attention.scaling
+            best = memory_scores.amax(-1, keepdim=True)  # top-1 is always retrieved: the best of all is the best found
+            memory_scores = best + model.config.memory_sharpness * (memory_scores - best) + bias
             probs = torch.softmax(torch.cat([local_scores, memory_scores], -1), -1)
             out = probs[..., :tokens] @ v_local + probs[..., tokens:] @ v_mem
         else:
@@ -100,8 +102,15 @@ def test_exact_retrieval_equals_naive_full_attention_over_memory(
     config.num_key_value_heads = kv_heads
     base = transformers.AutoModelForCausalLM.from_config(config).eval()
     bias = 1.5 if kv_heads == 2 else 0.0  # joint mode's memory_score_bias (gate mode ignores it)
+    sharpness = 2.5 if kv_heads != 1 else 1.0  # joint mode's memory_sharpness (gate mode ignores it)
     model = MemorizingForCausalLM.from_base_pretrained(
-        base, memory_layers=[1], memory_size=64, memory_top_k=64, combine=combine, memory_score_bias=bias
+        base,
+        memory_layers=[1],
+        memory_size=64,
+        memory_top_k=64,
+        combine=combine,
+        memory_score_bias=bias,
+        memory_sharpness=sharpness,
     )
     if combine == "gate":  # distinct per-head parameters, so a head mix-up would show
         with torch.no_grad():
@@ -400,16 +409,17 @@ def test_several_memory_layers_each_read_only_what_earlier_segments_wrote(token_
         assert not torch.allclose(model(second).logits, tiny_base("llama")(second).logits, atol=1e-4)
 
 
-def test_memory_score_bias_set_on_a_built_model_applies_at_once(token_ids) -> None:
+@pytest.mark.parametrize("setting", [("memory_score_bias", 1.0), ("memory_sharpness", 3.0)])
+def test_a_memory_setting_set_on_a_built_model_applies_at_once(setting: tuple[str, float], token_ids) -> None:
     first, second = token_ids(seed=1), token_ids(seed=2)
-    built = tiny_memorizing("llama", combine="joint", memory_score_bias=1.0).eval()
+    built = tiny_memorizing("llama", combine="joint", **dict([setting])).eval()
     changed = tiny_memorizing("llama", combine="joint").eval()
     logits = {}
     for name, model in (("built", built), ("changed", changed)):
         model(first, update_memory=True)
         if name == "changed":
             before = model(second).logits
-            model.config.memory_score_bias = 1.0
+            setattr(model.config, *setting)
         logits[name] = model(second).logits
     torch.testing.assert_close(logits["changed"], logits["built"])
     assert not torch.allclose(before, logits["changed"])
@@ -424,7 +434,7 @@ def test_from_pretrained_can_return_its_loading_info(tmp_path, token_ids) -> Non
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_joint_mode_fused_inference_equals_the_eager_softmax(arch: str, token_ids, monkeypatch) -> None:
-    model = tiny_memorizing(arch, combine="joint", memory_score_bias=0.5).eval()
+    model = tiny_memorizing(arch, combine="joint", memory_score_bias=0.5, memory_sharpness=2.0).eval()
     with torch.no_grad():
         bias = model.knn_attention["1"].memory_bias
         bias.copy_(torch.linspace(-2.0, 3.0, bias.numel()))
