@@ -2,6 +2,7 @@
 
     python training/memory_adapter.py                                  # SmolLM2-135M, layers 16-24, ~1 hour
     python training/memory_adapter.py --steps 8 --out /tmp/adapter     # a smoke run
+    python training/memory_adapter.py --layers 8-24 --memory-sharpness 2 --out runs/adapter_8_24   # another band
 
 Why a bias per head: in the passkey misses, the key's entries were retrieved by the right heads but got too little
 attention mass against the local window; one global `memory_score_bias` of +1 fixes 8K passkeys but raises
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from memorizing_hf import MemorizingForCausalLM
+from memorizing_hf.cli import parse_layers
 
 from .corpora import load_split
 from .long_context import DEFAULTS as SUITE
@@ -144,21 +146,33 @@ def step_loss(model, prefix: list[int], chunk: list[int], labels: list[int], win
     return answer_loss + tail_loss, answer_loss.detach(), tail_loss.detach(), right, (answers >= 0).sum()
 
 
-def main(argv: list[str] | None = None) -> None:
+def memory_settings(args: argparse.Namespace) -> dict:
+    """The memory the adapter is trained for: `MEMORY` with the command line's band and sharpness (saved with it)."""
+    return {**MEMORY, "memory_layers": args.layers, "memory_sharpness": args.memory_sharpness}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The training run's command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=parse_layers, default=MEMORY["memory_layers"], help="memory layers: 8-24")
+    parser.add_argument("--memory-sharpness", type=float, default=1.0, help="joint mode's spread of retrieved scores")
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--min-tokens", type=int, default=2048, help="document length: at least")
     parser.add_argument("--max-tokens", type=int, default=6144, help="document length: at most")
     parser.add_argument("--out", type=Path, default=Path("runs/memory_adapter"))
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     base = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
-    model = MemorizingForCausalLM.from_base_pretrained(base, **MEMORY).eval()  # eval: no dropout
+    model = MemorizingForCausalLM.from_base_pretrained(base, **memory_settings(args)).eval()  # eval: no dropout
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.endswith("memory_bias"))
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]

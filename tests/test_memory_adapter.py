@@ -59,3 +59,13 @@ def test_examples_ask_only_what_lies_far_back_and_label_only_answers_and_the_tai
 
 def test_held_out_modules_are_those_the_demo_and_the_suite_report_on() -> None:
     assert {"typing", "inspect"} <= memory_adapter.HELD_OUT_MODULES
+
+
+def test_the_band_and_sharpness_come_from_the_command_line() -> None:
+    default = memory_adapter.memory_settings(memory_adapter.parse_args([]))
+    assert default == {**memory_adapter.MEMORY, "memory_sharpness": 1.0}
+    wide = memory_adapter.memory_settings(memory_adapter.parse_args(["--layers", "8-24", "--memory-sharpness", "2"]))
+    assert wide["memory_layers"] == list(range(8, 25)) and wide["memory_sharpness"] == 2.0
+    assert {key: wide[key] for key in ("combine", "memory_size", "memory_top_k")} == {
+        key: memory_adapter.MEMORY[key] for key in ("combine", "memory_size", "memory_top_k")
+    }

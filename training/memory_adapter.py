@@ -1,6 +1,6 @@
 """Train a memory adapter (one memory bias per query head of joint mode) for recall from far back.
 
-    python training/memory_adapter.py [--steps 240] [--out runs/memory_adapter]
+    python training/memory_adapter.py [--layers 16-24] [--memory-sharpness 1] [--steps 240] [--out runs/memory_adapter]
 
 The recipe and its reasons: `memorizing_experiments.memory_adapter`.
 """
