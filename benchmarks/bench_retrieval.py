@@ -2,10 +2,11 @@
 
 One memory-attention layer of SmolLM2-135M reading one 512-token segment: R=1 batch row, H=3 key/value heads,
 9 query heads x 512 tokens (M=1536 queries per key/value head), D=64, fp32, k=32, at 8,192 / 65,536 / 262,144
-stored entries. Prints a table and writes JSON (`--out`).
+stored entries; `--queries 3` is one decoding step instead (3 query heads per key/value head, one token). Prints a
+table and writes JSON (`--out`).
 
-    python benchmarks/bench_retrieval.py [--sizes 8192 65536 262144] [--repeats 5] [--keys repeated] [--out ...]
-        [--profile]
+    python benchmarks/bench_retrieval.py [--sizes 8192 65536 262144] [--queries 1536] [--repeats 5]
+        [--keys repeated] [--out ...] [--profile]
 
 faiss runs in a subprocess: faiss and torch ship different OpenMP runtimes, and after faiss has run in a process
 torch's multi-threaded ops there become up to ~30x slower (the spinning faiss workers starve torch's).
@@ -31,26 +32,29 @@ from torch.utils._pytree import tree_flatten
 from memorizing_hf import retrieval
 from memorizing_hf.retrieval import exact_topk
 
-R, H, M, D = 1, 3, 9 // 3 * 512, 64
+R, H, D = 1, 3, 64
+READING_QUERIES = 9 // 3 * 512
 
 
 PASSAGE = 40  # keys of the repeated passage (`--keys repeated`)
 
 
-def make_data(n: int, seed: int = 0, keys: str = "random") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random queries and keys, or (`keys="repeated"`) keys of a 40-token passage repeated to `n` entries with noise
-    of 1e-6 (as text repeating itself, like the passkey's filler, stores them) and queries near the passage's keys:
-    every query then has thousands of near-equal top scores."""
+def make_data(
+    n: int, queries: int = READING_QUERIES, seed: int = 0, keys: str = "random"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`queries` random queries per (row, head) and `n` random keys, or (`keys="repeated"`) keys of a 40-token passage
+    repeated to `n` entries with noise of 1e-6 (as text repeating itself, like the passkey's filler, stores them) and
+    queries near the passage's keys: every query then has thousands of near-equal top scores."""
     gen = torch.Generator().manual_seed(seed + n)
     if keys == "repeated":
         passage = torch.randn(R, H, PASSAGE, D, generator=gen)
         stored = passage.repeat(1, 1, -(-n // PASSAGE), 1)[:, :, :n] + 1e-6 * torch.randn(R, H, n, D, generator=gen)
-        pick = torch.randint(0, PASSAGE, (M,), generator=gen)
-        queries = passage[:, :, pick] + 0.3 * torch.randn(R, H, M, D, generator=gen)
-        return queries, stored, torch.tensor([n] * R)
-    queries = torch.randn(R, H, M, D, generator=gen)
+        pick = torch.randint(0, PASSAGE, (queries,), generator=gen)
+        near = passage[:, :, pick] + 0.3 * torch.randn(R, H, queries, D, generator=gen)
+        return near, stored, torch.tensor([n] * R)
+    stored_queries = torch.randn(R, H, queries, D, generator=gen)
     stored = torch.randn(R, H, n, D, generator=gen)
-    return queries, stored, torch.tensor([n] * R)
+    return stored_queries, stored, torch.tensor([n] * R)
 
 
 def interleaved_times(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -111,12 +115,12 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def faiss_time(n: int, k: int, repeats: int, keys: str) -> dict:
+def faiss_time(n: int, m: int, k: int, repeats: int, keys: str) -> dict:
     """Search time of one IndexFlatIP per head (built beforehand, not timed), in this process."""
     import faiss
 
     faiss.omp_set_num_threads(torch.get_num_threads())
-    queries, keys, _ = make_data(n, keys=keys)
+    queries, keys, _ = make_data(n, m, keys=keys)
     indexes = []
     for h in range(H):
         indexes.append(faiss.IndexFlatIP(D))
@@ -126,9 +130,10 @@ def faiss_time(n: int, k: int, repeats: int, keys: str) -> dict:
     return summary(times["faiss"]) | {"faiss_threads": faiss.omp_get_max_threads()}
 
 
-def faiss_times_in_subprocess(sizes: list[int], k: int, repeats: int, keys: str) -> tuple[dict[int, dict], str]:
+def faiss_times_in_subprocess(sizes: list[int], m: int, k: int, repeats: int, keys: str) -> tuple[dict[int, dict], str]:
     """faiss timings from a fresh process (see the module docstring), or ({}, why not)."""
     command = [sys.executable, __file__, "--faiss-worker", "--k", str(k), "--repeats", str(repeats), "--keys", keys]
+    command += ["--queries", str(m)]
     command += ["--threads", str(torch.get_num_threads()), "--sizes"]
     try:
         worker = subprocess.run(command + [str(n) for n in sizes], capture_output=True, text=True, check=True)
@@ -138,9 +143,10 @@ def faiss_times_in_subprocess(sizes: list[int], k: int, repeats: int, keys: str)
     return {int(n): v for n, v in result.items()}, "faiss: IndexFlatIP per head, search only, in a subprocess"
 
 
-def measure(n: int, k: int, repeats: int, keys: str) -> dict:
-    """exact_topk (bf16 / fp32 first pass) and plain matmul + topk at n entries, and exact_topk's peak memory."""
-    queries, keys, lengths = make_data(n, keys=keys)
+def measure(n: int, m: int, k: int, repeats: int, keys: str) -> dict:
+    """exact_topk (bf16 / fp32 first pass) and plain matmul + topk at n entries and m queries per head, and
+    exact_topk's peak memory."""
+    queries, keys, lengths = make_data(n, m, keys=keys)
     row: dict = {"n": n, "kv_bytes": 2 * keys.numel() * keys.element_size()}
 
     def exact_fp32_pass1() -> None:
@@ -160,7 +166,7 @@ def measure(n: int, k: int, repeats: int, keys: str) -> dict:
     with PeakMemory(exclude=[queries, keys, lengths]) as mem:
         exact_topk(queries, keys, lengths, k)
     row["exact_peak_bytes"] = mem.peak
-    row["exact_gflops"] = 2 * R * H * M * n * D / row["exact"]["median_s"] / 1e9
+    row["exact_gflops"] = 2 * R * H * m * n * D / row["exact"]["median_s"] / 1e9
     exact_scores, _ = exact_topk(queries, keys, lengths, k)  # sanity check: the same scores as the plain search
     row["max_score_diff_vs_plain"] = float((exact_scores - plain_topk(queries, keys, k)[0]).abs().max())
     return row
@@ -170,6 +176,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 65536, 262144])
     parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--queries", type=int, default=READING_QUERIES, help="queries per key/value head")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/retrieval.json")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of exact_topk")
@@ -180,7 +187,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.faiss_worker:
-        print(json.dumps({n: faiss_time(n, args.k, args.repeats, args.keys) for n in args.sizes}))
+        print(json.dumps({n: faiss_time(n, args.queries, args.k, args.repeats, args.keys) for n in args.sizes}))
         return
 
     threads = torch.get_num_threads()
@@ -194,7 +201,7 @@ def main() -> None:
         "bf16_first_pass": retrieval.bf16_matmul_is_fast(),
         "load_average_before": os.getloadavg(),
         "matmul_2048_gflops": machine_gflops,
-        "shape": {"R": R, "H": H, "M": M, "D": D, "k": args.k, "dtype": "float32"},
+        "shape": {"R": R, "H": H, "M": args.queries, "D": D, "k": args.k, "dtype": "float32"},
         "keys": args.keys,
     }
     print(
@@ -205,9 +212,9 @@ def main() -> None:
 
     results = []
     for n in args.sizes:
-        results.append(measure(n, args.k, args.repeats, args.keys))
+        results.append(measure(n, args.queries, args.k, args.repeats, args.keys))
         print(f"  measured n={n}", flush=True)
-    faiss_result, faiss_note = faiss_times_in_subprocess(args.sizes, args.k, args.repeats, args.keys)
+    faiss_result, faiss_note = faiss_times_in_subprocess(args.sizes, args.queries, args.k, args.repeats, args.keys)
     nan = {"median_s": float("nan"), "min_s": float("nan")}
     for row in results:
         row["faiss"] = faiss_result.get(row["n"], nan)

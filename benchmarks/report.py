@@ -318,14 +318,16 @@ def generation_section(data: dict | None, lines: list[str]) -> None:
     if data is None:
         return
     info = data["info"]
+    sizes = " ".join(str(n) for n in sorted({row["memory_tokens"] for row in data["results"]} - {None}))
     lines += [
         "## Generation: per-token latency against memory size (SmolLM2-135M)",
         "",
-        f"`benchmarks/bench_generation.py --repeats {info['repeats']}`: greedy, batch 1, {info['prompt_tokens']}-token "
-        f"prompt, {info['new_tokens']} new tokens, {info['memory']}, {info['threads']} thread(s); ms / token: medians "
-        "over all decoding steps; vs base: median over rounds of the ratio to the base model (no memory layers) run "
-        "right before each setting; vs empty: the same setting with an empty memory, same round. Load "
-        f"{load_label(info['load_average_before'])} before, {load_label(info['load_average_after'])} after.",
+        f"`benchmarks/bench_generation.py --sizes {sizes} --repeats {info['repeats']}`: greedy, batch 1, "
+        f"{info['prompt_tokens']}-token prompt, {info['new_tokens']} new tokens, {info['memory']}, "
+        f"{info['threads']} thread(s); ms / token: medians over all decoding steps; vs base: median over rounds of the "
+        "ratio to the base model (no memory layers) run right before each setting; vs empty: the same setting with an "
+        f"empty memory, same round. Load {load_label(info['load_average_before'])} before, "
+        f"{load_label(info['load_average_after'])} after.",
         "",
         "| setting | entries in memory | ms / token | vs base | vs empty | target ≤1.2x at 65K |",
         "|---|---:|---:|---:|---:|:-:|",

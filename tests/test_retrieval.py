@@ -21,7 +21,8 @@ NINF = float("-inf")
 # shifted pass-1 scores; "crowded" additionally makes most queries collect more candidates than they may keep (their
 # thresholds rise to their best k so far); "no_shift"
 # leaves pass-1 scores unshifted, so that queries with a negative threshold are searched densely; "dense" forces the
-# dense path (the CUDA one); "fp32" disables the bf16 first pass.
+# dense path (the CUDA one), "dense_keys_major" that path with the keys as the matmul's left operand; "fp32"
+# disables the bf16 first pass.
 SMALL = {
     "SUB_BLOCK": 8,
     "MIN_SUB_BLOCK": 4,
@@ -41,6 +42,13 @@ PATHS = {
     "crowded": SMALL | {"PASS2_BYTES": 2**11, "CANDIDATES": 1, "APPROX_BF16": True},
     "no_shift": SMALL | {"SHIFT_SAMPLE": 0, "APPROX_BF16": True},
     "dense": {"MIN_QUERIES": 2**30, "MIN_BLOCK": 8, "BLOCK_BYTES": 2**14},
+    "dense_keys_major": {
+        "MIN_QUERIES": 2**30,
+        "MIN_BLOCK": 8,
+        "BLOCK_BYTES": 2**14,
+        "FEW_QUERIES": 2**30,
+        "STREAM_BYTES": 0,
+    },
 }
 
 
