@@ -40,21 +40,21 @@ PASSAGE = 40  # keys of the repeated passage (`--keys repeated`)
 
 
 def make_data(
-    n: int, queries: int = READING_QUERIES, seed: int = 0, keys: str = "random"
+    n: int, m: int = READING_QUERIES, seed: int = 0, keys: str = "random"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`queries` random queries per (row, head) and `n` random keys, or (`keys="repeated"`) keys of a 40-token passage
+    """`m` random queries per (row, head) and `n` random keys, or (`keys="repeated"`) keys of a 40-token passage
     repeated to `n` entries with noise of 1e-6 (as text repeating itself, like the passkey's filler, stores them) and
     queries near the passage's keys: every query then has thousands of near-equal top scores."""
     gen = torch.Generator().manual_seed(seed + n)
     if keys == "repeated":
         passage = torch.randn(R, H, PASSAGE, D, generator=gen)
         stored = passage.repeat(1, 1, -(-n // PASSAGE), 1)[:, :, :n] + 1e-6 * torch.randn(R, H, n, D, generator=gen)
-        pick = torch.randint(0, PASSAGE, (queries,), generator=gen)
-        near = passage[:, :, pick] + 0.3 * torch.randn(R, H, queries, D, generator=gen)
-        return near, stored, torch.tensor([n] * R)
-    stored_queries = torch.randn(R, H, queries, D, generator=gen)
+        pick = torch.randint(0, PASSAGE, (m,), generator=gen)
+        queries = passage[:, :, pick] + 0.3 * torch.randn(R, H, m, D, generator=gen)
+        return queries, stored, torch.tensor([n] * R)
+    queries = torch.randn(R, H, m, D, generator=gen)
     stored = torch.randn(R, H, n, D, generator=gen)
-    return stored_queries, stored, torch.tensor([n] * R)
+    return queries, stored, torch.tensor([n] * R)
 
 
 def interleaved_times(fns: dict, repeats: int) -> dict[str, list[float]]:

@@ -57,8 +57,9 @@ TILE_QUERIES = 4096
 # densely, where a single pass over the fp32 keys is cheaper than converting them for a bf16 pass.
 MIN_QUERIES = 64
 # The dense search on CPU multiplies the keys as the left operand when a (row, head) has at most FEW_QUERIES queries
-# and a block's keys take at least STREAM_BYTES (beyond cache, where streaming them is the cost): 1.4-1.6x faster at
-# 32K-262K entries and 1-4 queries (one decoding step of a grouped-query model), slower when the keys fit in cache.
+# (one decoding step of a grouped-query model) and a block's keys take at least STREAM_BYTES: beyond cache, streaming
+# the keys is the cost, and that order streams them faster; when they fit in cache the other order is faster
+# (docs/performance.md, "Decoding").
 FEW_QUERIES = 4
 STREAM_BYTES = 16 * 2**20
 # Slots per group: pass 1 keeps every query's maximum over each group. Aim for at least 8 k groups (a tight
@@ -181,9 +182,8 @@ def _search_dense(
     RH, T, D = q.shape
     top_s = torch.full((RH * T, k), float("-inf"), device=q.device)
     top_i = torch.full((RH * T, k), -1, dtype=torch.long, device=q.device)
-    # A few queries against keys that do not fit in cache (decoding with a large memory): the matmul only streams
-    # the keys, and reads them faster as its left operand (scores [RH, width, T], then viewed as [RH, T, width]).
-    keys_major = q.device.type == "cpu" and T <= FEW_QUERIES and RH * min(block, n) * D * 4 >= STREAM_BYTES
+    block_bytes = RH * min(block, n) * D * q.element_size()
+    keys_major = q.device.type == "cpu" and T <= FEW_QUERIES and block_bytes >= STREAM_BYTES  # see FEW_QUERIES
     for j0 in range(0, n, block):
         width = min(block, n - j0)
         block_keys = keys[:, j0 : j0 + width].to(q.dtype)
