@@ -64,6 +64,7 @@ bench: $(VENV)/.installed $(VENV)/.bench-installed
 		--backends nosearch exact ivf --out benchmarks/results/training_interleaved.json
 	$(VENV)/bin/python benchmarks/bench_memory_rss.py --sizes 8192 65536 262144 524288 1048576
 	$(VENV)/bin/python benchmarks/bench_matmul_fraction.py --threads 1
+	$(VENV)/bin/python benchmarks/bench_retrieval_bounds.py --threads 1
 	$(VENV)/bin/python benchmarks/report.py
 
 clean:

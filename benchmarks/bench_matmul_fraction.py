@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from memorizing_experiments.benchmarks import write_results
-from memorizing_experiments.real_keys import CHECKPOINTS, cache_file, real_keys
+from memorizing_experiments.real_keys import largest_cached
 from memorizing_hf.retrieval import exact_topk
 
 
@@ -32,8 +32,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/matmul_fraction.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    available = [n for n in CHECKPOINTS if cache_file(n).is_file()]
-    tensors = real_keys(max(available))
+    tensors, _ = largest_cached()
     a32, b32 = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a16, b16 = a32.bfloat16(), b32.bfloat16()
     results = []

@@ -47,6 +47,11 @@ ready states plus one copy: ~11 GB at N = 131,072 with the defaults (1.8 GB per 
         [--backends exact pages] [--page-budget 0.05] [--reps 5] [--warmup 1] [--threads 1]
     python benchmarks/bench_reading.py --quick       # N in {0, 1024}, 1 layer, joint, exact, 2 reps, no warm-up
     python benchmarks/bench_reading.py --markdown benchmarks/results/reading.json
+    python benchmarks/bench_reading.py --layers 9 --combine joint --backends exact --sizes 32768 --profile
+
+`--profile`: after the timed rounds, one more call per configuration under cProfile, and the seconds of its parts
+(`PROFILED`: the search's two passes, its dense re-search, the joint softmax, memory writes) with the call's total,
+kept in the JSON (`profile_s`) and printed; profiled seconds run a little slower than timed ones.
 
 Writes `benchmarks/results/reading.json` (`--quick`: `reading_quick.json`) and prints a markdown table.
 """
@@ -55,8 +60,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
 import gc
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -74,7 +81,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from memorizing_experiments.benchmarks import reading_markdown, write_results
 from memorizing_experiments.sources import cache_dir, smollm2_path, stdlib_files, stdlib_path
-from memorizing_hf import MemorizingForCausalLM
+from memorizing_hf import MemorizingForCausalLM, modeling_memorizing, retrieval
 from memorizing_hf.memory import KNNMemory, MemoryBank
 
 SEGMENT = 512  # tokens per segment read
@@ -82,6 +89,15 @@ TOP_K = 32
 LAYER_PRESETS = {"1": [21], "9": list(range(16, 25))}
 LAYER_LABELS = {"1": "1 (21)", "9": "9 (16-24)"}
 RESULTS = Path(__file__).parent / "results"
+PROFILED = {  # label -> the function whose cumulative time `--profile` reports
+    "search": retrieval.exact_topk,
+    "pass 1": retrieval._pass1_bound,
+    "pass 2": retrieval.score_groups,
+    "pass 2 top-k": retrieval.top_k_per_query,
+    "dense re-search": retrieval.redo_dense,
+    "joint softmax": modeling_memorizing.KNNAttention._joint,
+    "memory writes": MemoryBank.write,
+}
 
 
 @dataclass
@@ -263,7 +279,24 @@ def measure_group(
         print(f"  N={n} round {round_ + 1}/{args.warmup + args.reps}: load {os.getloadavg()[0]:.1f}", flush=True)
     row_info["load_average_after"] = os.getloadavg()
     row_info["rows"] = [_summary(row, bare, windowed) for row, _ in calls]
+    if args.profile:
+        for summary, (row, call) in zip(row_info["rows"], calls):
+            if "entries_at_read" in row.label:
+                summary["profile_s"] = _profiled(call)
+                print(f"  N={n} {row.label['layers']} {row.label['combine']}: {summary['profile_s']}", flush=True)
     return row_info
+
+
+def _profiled(call: Callable[[], float]) -> dict[str, float]:
+    """Seconds of `call` (total) and of each of its `PROFILED` parts, from one run under cProfile."""
+    profile = cProfile.Profile()
+    total = profile.runcall(call)
+    stats = profile.getstats()
+    codes = {label: inspect.unwrap(function).__code__ for label, function in PROFILED.items()}  # under no_grad
+    out = {"total": total}
+    for label, code in codes.items():
+        out[label] = sum(entry.totaltime for entry in stats if entry.code is code)
+    return out
 
 
 def _timed_copy(model: MemorizingForCausalLM, segment: torch.Tensor, memory: MemoryBank) -> Callable[[], float]:
@@ -306,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--noise", type=float, default=1e-2, help="relative noise of tiled copies")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the cached fill memories")
     parser.add_argument("--quick", action="store_true", help="N in {0, 1024}, 1 layer, joint, exact, 2 reps")
+    parser.add_argument("--profile", action="store_true", help="also profile one call per configuration by part")
     parser.add_argument("--out", help="results file (default benchmarks/results/reading.json, or reading_quick.json)")
     parser.add_argument("--markdown", help="print the table of an existing results file and exit")
     args = parser.parse_args(argv)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from memorizing_experiments.benchmarks import ivf_nlist, recall, retrieval_approx_markdown, write_results
-from memorizing_experiments.real_keys import CHECKPOINTS, cache_file, real_keys
+from memorizing_experiments.real_keys import largest_cached
 from memorizing_hf.retrieval import ExactBackend
 from memorizing_hf.retrieval_faiss import FaissBackend
 from memorizing_hf.retrieval_pages import PageBackend
@@ -151,10 +151,7 @@ def main() -> None:
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    available = [n for n in CHECKPOINTS if cache_file(n).is_file()]
-    if not available:
-        sys.exit("no real keys cached: run `python benchmarks/real_keys.py --entries 1048576` first")
-    tensors = real_keys(max(available))
+    tensors, path = largest_cached()
     sizes = [n for n in args.sizes if f"queries.{n}" in tensors]
     info = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -163,8 +160,7 @@ def main() -> None:
         "warmup": args.warmup,
         "torch": torch.__version__,
         "faiss": faiss.__version__,
-        "keys": f"SmolLM2-135M layer 21 reading the CPython stdlib ({cache_file(max(available)).name}), raw "
-        "(joint mode)",
+        "keys": f"SmolLM2-135M layer 21 reading the CPython stdlib ({path.name}), raw (joint mode)",
         "skipped_sizes_no_real_keys": [n for n in args.sizes if n not in sizes],
         "load_average_before": os.getloadavg(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

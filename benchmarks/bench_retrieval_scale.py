@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from memorizing_experiments.benchmarks import ivf_nlist, median_time, recall, write_results
-from memorizing_experiments.real_keys import CHECKPOINTS, cache_file, real_keys
+from memorizing_experiments.real_keys import largest_cached
 from memorizing_hf.memory import KNNMemory
 from memorizing_hf.retrieval import ExactBackend, exact_topk
 
@@ -167,11 +167,7 @@ def main() -> None:
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    # The largest real-key cache available (1M took 47 min on one thread here: `real_keys.py --entries`).
-    available = [n for n in CHECKPOINTS if cache_file(n).is_file()]
-    if not available:
-        sys.exit("no real keys cached: run `python benchmarks/real_keys.py --entries 262144` first")
-    tensors = real_keys(max(available))
+    tensors, path = largest_cached()  # 1M took 47 min on one thread here: `real_keys.py --entries`
     if args.normalize:
         tensors = {name: torch.nn.functional.normalize(t, dim=-1) for name, t in tensors.items()}
     if args.out is None:
@@ -184,7 +180,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "faiss": faiss.__version__,
-        "keys": f"SmolLM2-135M layer 21 reading the CPython stdlib ({cache_file(max(available)).name})"
+        "keys": f"SmolLM2-135M layer 21 reading the CPython stdlib ({path.name})"
         + (", L2-normalised (gate mode)" if args.normalize else ", raw (joint mode)"),
         "skipped_sizes_no_real_keys": skipped,
         "load_average_before": os.getloadavg(),

@@ -17,6 +17,7 @@ position's logits are computed. Still, reading 1M tokens takes 20-60 minutes on 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -74,6 +75,15 @@ def real_keys(entries: int = CHECKPOINTS[-1]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def largest_cached() -> tuple[dict[str, torch.Tensor], Path]:
+    """The tensors of the largest real-key cache built so far (the benchmarks take their sizes from it) and its file;
+    exits with the command that builds one when there is none."""
+    available = [n for n in CHECKPOINTS if cache_file(n).is_file()]
+    if not available:
+        raise SystemExit("no real keys cached: run `python benchmarks/real_keys.py --entries 1048576` first")
+    return real_keys(max(available)), cache_file(max(available))
+
+
 def _read_stdlib(entries: int) -> dict[str, torch.Tensor]:
     folder = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -82,17 +92,26 @@ def _read_stdlib(entries: int) -> dict[str, torch.Tensor]:
     model = MemorizingForCausalLM.from_base_pretrained(
         base.eval(), memory_layers=[MEMORY_LAYER], memory_size=entries + SEGMENT, combine="joint"
     )
-    memory = model.memory.layers[MEMORY_LAYER]
+    return record(model, _token_stream(tokenizer), entries)
+
+
+def record(
+    model: MemorizingForCausalLM, stream: Iterator[int], entries: int, segment: int = SEGMENT
+) -> dict[str, torch.Tensor]:
+    """What `model`'s (single) memory layer stores while reading `stream` into its own memory, `segment` tokens at a
+    time, until it holds `entries` keys (the `real_keys` layout), with the queries of the segment read when it first
+    holds each checkpoint."""
+    (layer,) = model.config.memory_layers
+    memory = model.memory.layers[layer]
     backend = memory.backend = _RecordingBackend()
     targets = sorted({n for n in CHECKPOINTS if n < entries} | {entries})
     recorded: dict[str, torch.Tensor] = {}
-    stream = _token_stream(tokenizer)
     start = time.perf_counter()
     with torch.no_grad():
         while targets:
             stored = 0 if memory.written is None else int(memory.written[0])
             backend.record = stored >= targets[0]
-            model(torch.tensor([[next(stream) for _ in range(SEGMENT)]]), logits_to_keep=1)
+            model(torch.tensor([[next(stream) for _ in range(segment)]]), update_memory=True, logits_to_keep=1)
             if backend.record:
                 recorded[f"queries.{targets.pop(0)}"] = backend.queries[0].float()
             if stored // 16384 != int(memory.written[0]) // 16384:
@@ -101,7 +120,7 @@ def _read_stdlib(entries: int) -> dict[str, torch.Tensor]:
     return {"keys": memory.keys[0, :, :entries].float().contiguous(), **recorded}
 
 
-def _token_stream(tokenizer: AutoTokenizer):
+def _token_stream(tokenizer: AutoTokenizer) -> Iterator[int]:
     """Token ids of the standard library's files, in sorted order, as one stream."""
     for path in stdlib_files():
         yield from tokenizer(read_text(path))["input_ids"]
