@@ -31,7 +31,7 @@ import torch
 
 from memorizing_experiments.benchmarks import ivf_nlist, size_label, write_results
 from memorizing_experiments.real_keys import largest_cached
-from memorizing_hf.retrieval_pages import PageBackend
+from memorizing_hf.retrieval_pages import PageBackend, _Lists
 
 TOP_K = 32
 RESULTS = Path(__file__).parent / "results"
@@ -64,10 +64,8 @@ def consecutive(keys: torch.Tensor, q: torch.Tensor, kth: torch.Tensor, size: in
     }
 
 
-def page_lists(keys: torch.Tensor, q: torch.Tensor, kth: torch.Tensor, head: int) -> dict[str, float]:
-    """Both bounds over the lists the page backend trains on `keys [H, N, D]`, for the queries of `head`."""
-    backend = PageBackend(lists=ivf_nlist(keys.shape[1]))
-    lists = backend._lists(0, keys, keys.shape[1])  # the lists its search would use (trained and assigned)
+def page_lists(lists: _Lists, keys: torch.Tensor, q: torch.Tensor, kth: torch.Tensor, head: int) -> dict[str, float]:
+    """Both bounds over the page backend's `lists` of `keys [H, N, D]`, for the queries of `head`."""
     assign, distance = lists.assign[head], lists.distance[head]
     count, D = lists.centroids.shape[1], keys.shape[2]
     sizes = torch.bincount(assign, minlength=count)
@@ -85,11 +83,13 @@ def page_lists(keys: torch.Tensor, q: torch.Tensor, kth: torch.Tensor, head: int
 
 def measure(keys: torch.Tensor, queries: torch.Tensor, group_sizes: list[int]) -> list[dict]:
     """One row per head: the shares of keys scored, for `keys [H, N, D]` and `queries [H, M, D]`."""
+    backend = PageBackend(lists=ivf_nlist(keys.shape[1]))
+    lists = backend._lists(0, keys, keys.shape[1])  # the lists its search would use (trained and assigned)
     rows = []
     for head in range(keys.shape[0]):
         q = queries[head]
         kth = (q @ keys[head].T).topk(TOP_K, dim=1).values[:, -1]
-        row: dict = {"head": head, "pages": page_lists(keys, q, kth, head)}
+        row: dict = {"head": head, "pages": page_lists(lists, keys, q, kth, head)}
         for size in group_sizes:
             row[f"consecutive_{size}"] = consecutive(keys[head], q, kth, size)
         rows.append(row)
