@@ -10,13 +10,15 @@ lower bound of that score first). Groups and bounds:
   bound `q . c + |q| r` (c: the group's mean, r: its largest distance to it);
 * the page backend's lists (`memorizing_hf.retrieval_pages.PageBackend`: k-means over the MIPS -> L2 augmented keys,
   as many lists as `bench_retrieval_approx.py` gives it, IVF's nlist), with the same two bounds; its exact mode
-  visits lists by the ball bound.
+  visits lists by the ball bound;
+* single keys, with the bound a cheaper pass 1 would give: scores in the top `--dims` principal directions of the
+  keys, plus `|q_r| |k_r|` (Cauchy-Schwarz) for the remaining directions: the share of keys it leaves to rescore.
 
 Keys and queries as in `bench_retrieval_approx.py` (SmolLM2-135M's memory layer 21 reading the CPython standard
 library, raw keys as joint mode stores them, 3 key/value heads, 1,536 queries per head, k=32). No timing: shares of
 keys, which decide whether such a search can be faster than scoring every key.
 
-    python benchmarks/bench_retrieval_bounds.py [--sizes 8192 65536] [--groups 16 64]
+    python benchmarks/bench_retrieval_bounds.py [--sizes 8192 65536] [--groups 16 64] [--dims 16 32 48]
 
 Writes `benchmarks/results/retrieval_bounds.json` and prints a markdown table.
 """
@@ -64,6 +66,31 @@ def consecutive(keys: torch.Tensor, q: torch.Tensor, kth: torch.Tensor, size: in
     }
 
 
+def projection(
+    keys: torch.Tensor, q: torch.Tensor, kth: torch.Tensor, dims: list[int], group_sizes: list[int]
+) -> dict[str, dict[str, float]]:
+    """Per number of directions `d`: the share of keys of `keys [N, D]` whose bound from a `d`-dimensional projection
+    (exact scores in the keys' top `d` principal directions, Cauchy-Schwarz in the others) reaches the k-th best,
+    alone and in groups of consecutive slots (a group is rescored when any of its keys' bounds reaches it)."""
+    moments, directions = torch.linalg.eigh(keys.T @ keys)
+    moments, directions = moments.flip(0), directions.flip(1)  # largest second moment first
+    shares = {}
+    for d in dims:
+        basis = directions[:, :d]
+        keys_d, q_d = keys @ basis, q @ basis
+        keys_rest = (keys - keys_d @ basis.T).norm(dim=1)
+        q_rest = (q - q_d @ basis.T).norm(dim=1)
+        bound = q_d @ keys_d.T + q_rest[:, None] * keys_rest
+        shares[str(d)] = {
+            "second_moment": float(moments[:d].sum() / moments.sum()),
+            "keys": float((bound >= kth[:, None]).float().mean()),
+        }
+        for size in group_sizes:
+            groups = bound.view(q.shape[0], -1, size).amax(2)
+            shares[str(d)][f"consecutive_{size}"] = float((groups >= kth[:, None]).float().mean())
+    return shares
+
+
 def page_lists(lists: _Lists, keys: torch.Tensor, q: torch.Tensor, kth: torch.Tensor, head: int) -> dict[str, float]:
     """Both bounds over the page backend's `lists` of `keys [H, N, D]`, for the queries of `head`."""
     assign, distance = lists.assign[head], lists.distance[head]
@@ -81,7 +108,7 @@ def page_lists(lists: _Lists, keys: torch.Tensor, q: torch.Tensor, kth: torch.Te
     }
 
 
-def measure(keys: torch.Tensor, queries: torch.Tensor, group_sizes: list[int]) -> list[dict]:
+def measure(keys: torch.Tensor, queries: torch.Tensor, group_sizes: list[int], dims: list[int]) -> list[dict]:
     """One row per head: the shares of keys scored, for `keys [H, N, D]` and `queries [H, M, D]`."""
     backend = PageBackend(lists=ivf_nlist(keys.shape[1]))
     lists = backend._lists(0, keys, keys.shape[1])  # the lists its search would use (trained and assigned)
@@ -92,6 +119,7 @@ def measure(keys: torch.Tensor, queries: torch.Tensor, group_sizes: list[int]) -
         row: dict = {"head": head, "pages": page_lists(lists, keys, q, kth, head)}
         for size in group_sizes:
             row[f"consecutive_{size}"] = consecutive(keys[head], q, kth, size)
+        row["projection"] = projection(keys[head], q, kth, dims, group_sizes)
         rows.append(row)
         print(f"  N={keys.shape[1]} head {head}: {row}", flush=True)
     return rows
@@ -105,12 +133,30 @@ def markdown(data: dict) -> str:
     for result in data["results"]:
         for row in result["rows"]:
             for name, shares in row.items():
-                if name == "head":
+                if name in ("head", "projection"):
                     continue
                 label = f"page lists ({shares['lists']})" if name == "pages" else name.replace("_", " ") + " slots"
                 lines.append(
                     f"| {size_label(result['n'])} | {row['head']} | {label} | {shares['box']:.1%} | "
                     f"{shares['ball']:.1%} |"
+                )
+    lines += [
+        "",
+        "| entries | head | directions | their share of the keys' second moment | keys left: single keys |"
+        " in groups of consecutive slots |",
+    ]
+    lines.append("|---:|---:|---:|---:|---:|---|")
+    for result in data["results"]:
+        for row in result["rows"]:
+            for d, shares in row["projection"].items():
+                groups = ", ".join(
+                    f"{name.split('_')[1]}: {share:.1%}"
+                    for name, share in shares.items()
+                    if name.startswith("consecutive")
+                )
+                lines.append(
+                    f"| {size_label(result['n'])} | {row['head']} | {d} | {shares['second_moment']:.1%} | "
+                    f"{shares['keys']:.1%} | {groups} |"
                 )
     return "\n".join(lines)
 
@@ -119,6 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 65536])
     parser.add_argument("--groups", type=int, nargs="+", default=[16, 64], help="consecutive slots per group")
+    parser.add_argument("--dims", type=int, nargs="+", default=[16, 32, 48], help="directions of the projection bound")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS / "retrieval_bounds.json"))
     args = parser.parse_args()
@@ -134,7 +181,7 @@ def main() -> None:
         "skipped_sizes_no_real_keys": [n for n in args.sizes if n not in sizes],
     }
     results = [
-        {"n": n, "rows": measure(tensors["keys"][:, :n].contiguous(), tensors[f"queries.{n}"], args.groups)}
+        {"n": n, "rows": measure(tensors["keys"][:, :n].contiguous(), tensors[f"queries.{n}"], args.groups, args.dims)}
         for n in sizes
     ]
     write_results(args.out, info, results)
