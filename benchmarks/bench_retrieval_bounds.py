@@ -12,7 +12,8 @@ lower bound of that score first). Groups and bounds:
   as many lists as `bench_retrieval_approx.py` gives it, IVF's nlist), with the same two bounds; its exact mode
   visits lists by the ball bound;
 * single keys, with the bound a cheaper pass 1 would give: scores in the top `--dims` principal directions of the
-  keys, plus `|q_r| |k_r|` (Cauchy-Schwarz) for the remaining directions: the share of keys it leaves to rescore.
+  keys, plus `|q_r| |k_r|` (Cauchy-Schwarz) for the remaining directions: the share of keys it leaves to rescore,
+  one by one and in groups of `--groups` consecutive slots.
 
 Keys and queries as in `bench_retrieval_approx.py` (SmolLM2-135M's memory layer 21 reading the CPython standard
 library, raw keys as joint mode stores them, 3 key/value heads, 1,536 queries per head, k=32). No timing: shares of
