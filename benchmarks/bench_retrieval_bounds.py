@@ -84,11 +84,11 @@ def projection(
         bound = q_d @ keys_d.T + q_rest[:, None] * keys_rest
         shares[str(d)] = {
             "second_moment": float(moments[:d].sum() / moments.sum()),
-            "keys": float((bound >= kth[:, None]).float().mean()),
+            "keys": share_scored(bound, kth, torch.ones(bound.shape[1])),
         }
         for size in group_sizes:
-            groups = bound.view(q.shape[0], -1, size).amax(2)
-            shares[str(d)][f"consecutive_{size}"] = float((groups >= kth[:, None]).float().mean())
+            groups = bound.view(q.shape[0], -1, size).amax(2)  # a group's bound: the largest of its keys'
+            shares[str(d)][f"consecutive_{size}"] = share_scored(groups, kth, torch.full((groups.shape[1],), size))
     return shares
 
 
