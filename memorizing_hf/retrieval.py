@@ -436,6 +436,8 @@ def _pass1_bound(
         block_keys[:, :width, :D] = keys[:, j0 : j0 + width]
         if padded > width:  # last block: zero keys up to whole groups (they lie past every row's end: masked)
             block_keys[:, width:padded, :D] = 0
+        if invalid is not None:  # stale slots may hold NaN or inf, and native bf16 kernels spread those to the
+            block_keys[:, :padded, :D].masked_fill_(invalid[..., None], 0)  # scores of neighbouring slots
         s = torch.bmm(block_keys[:, :padded], q1.transpose(1, 2), out=buffer[: RH * padded * T].view(RH, padded, T))
         if invalid is not None:
             s.masked_fill_(invalid[:, :, None], float("-inf"))
