@@ -74,6 +74,10 @@ SHIFT_SAMPLE = 256
 # (text that repeats a passage many times, like the passkey's filler, gives many near-equal scores within pass 1's
 # error bound). At most 16 k x 13 bytes are kept per query, plus one pass-2 window's.
 CANDIDATES = 16
+# Columns of pass 1's matmul (the keys' dimensions, the shift's column of ones) are padded with zeros to a multiple
+# of PASS1_WIDTH: native bf16 kernels (AMX) run slower at an odd width, fp32 ones no faster at a wider one
+# (docs/performance.md).
+PASS1_WIDTH = 2
 # Pass 1 on CPU scores in bf16 where the CPU has native bf16 dot products (avx512_bf16 / amx_bf16), else in fp32.
 # None = detect, True / False = force (pass 2 is always fp32, so the result is exact either way).
 APPROX_BF16: bool | None = None
@@ -415,7 +419,8 @@ def _pass1_bound(
     if sample >= k:
         top = torch.bmm(q, keys[:, :sample].float().transpose(1, 2)).topk(k, dim=2).values
         beta = top[..., 0] - 2 * top[..., -1]
-    q1 = torch.cat([q, beta[..., None]], dim=2).to(dtype)  # [RH, T, D + 1]
+    cols = -(-(D + 1) // PASS1_WIDTH) * PASS1_WIDTH  # the keys, the shift's column of ones, zeros
+    q1 = torch.cat([q, beta[..., None], q.new_zeros(RH, T, cols - D - 1)], dim=2).to(dtype)  # [RH, T, cols]
     beta = q1[..., D].float().view(RH * T)  # as rounded to dtype: exact in pass 1
     num_groups = -(-n // sub)
     coarse = max(num_groups // (THRESHOLD_SUB_BLOCKS * k), 1)  # groups per coarse maximum
@@ -423,7 +428,8 @@ def _pass1_bound(
     maxima[:, num_groups:] = torch.iinfo(bits).min
     block = max(choose_block_size(RH * T, element_size=q1.element_size()) // sub, 1) * sub
     buffer = torch.empty(RH * min(block, num_groups * sub) * T, dtype=dtype)  # reused: no page faults per block
-    block_keys = torch.ones(RH, min(block, num_groups * sub), D + 1, dtype=dtype)  # the last dimension stays 1
+    block_keys = torch.zeros(RH, min(block, num_groups * sub), cols, dtype=dtype)
+    block_keys[..., D] = 1  # the shift's column; the columns after it stay 0
     key_norm = torch.zeros(RH)  # the largest norm of the valid keys of every head (stale slots may hold anything)
     for j0 in range(0, n, block):
         width = min(block, n - j0)

@@ -18,7 +18,7 @@ NINF = float("-inf")
 
 # Search paths of exact_topk on CPU. "small" shrinks every size so that tiny memories still take the two-pass path
 # with several blocks, partial last blocks, several pass-2 windows, query tiles, coarse threshold maxima and
-# shifted pass-1 scores; "crowded" additionally makes most queries collect more candidates than they may keep (their
+# shifted pass-1 scores, and pads pass 1's columns wider; "crowded" additionally makes most queries collect more candidates than they may keep (their
 # thresholds rise to their best k so far); "no_shift"
 # leaves pass-1 scores unshifted, so that queries with a negative threshold are searched densely; "dense" forces the
 # dense path (the CUDA one), "dense_keys_major" that path with the keys as the matmul's left operand; "fp32"
@@ -32,6 +32,7 @@ SMALL = {
     "TILE_QUERIES": 16,
     "MIN_QUERIES": 1,
     "SHIFT_SAMPLE": 16,
+    "PASS1_WIDTH": 8,
 }
 PATHS = {
     "default": {},
