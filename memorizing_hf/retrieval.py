@@ -81,6 +81,10 @@ PASS1_WIDTH = 2
 # Pass 1 on CPU scores in bf16 where the CPU has native bf16 dot products (avx512_bf16 / amx_bf16), else in fp32.
 # None = detect, True / False = force (pass 2 is always fp32, so the result is exact either way).
 APPROX_BF16: bool | None = None
+# A bf16 pass 1 multiplies every fp32 (or fp16) key as two bf16 parts, its rounding and the rounding of the rest
+# (twice the columns): the pass-1 error then comes from the query's rounding alone, and pass 2 rescores 3-6x fewer
+# keys on real keys, for a matmul 1.7x longer (docs/performance.md).
+SPLIT_KEYS = True
 
 _BF16_UNIT = 2.0**-8  # unit roundoff of bf16 (8 significant bits)
 _FP32_UNIT = 2.0**-24
@@ -419,9 +423,11 @@ def _pass1_bound(
     if sample >= k:
         top = torch.bmm(q, keys[:, :sample].float().transpose(1, 2)).topk(k, dim=2).values
         beta = top[..., 0] - 2 * top[..., -1]
-    cols = -(-(D + 1) // PASS1_WIDTH) * PASS1_WIDTH  # the keys, the shift's column of ones, zeros
-    q1 = torch.cat([q, beta[..., None], q.new_zeros(RH, T, cols - D - 1)], dim=2).to(dtype)  # [RH, T, cols]
-    beta = q1[..., D].float().view(RH * T)  # as rounded to dtype: exact in pass 1
+    parts = 2 if approx and SPLIT_KEYS and keys.dtype != torch.bfloat16 else 1  # columns per key dimension
+    width = parts * D  # the keys (or their two bf16 parts), then the shift's column of ones, then zeros
+    cols = -(-(width + 1) // PASS1_WIDTH) * PASS1_WIDTH
+    q1 = torch.cat([q] * parts + [beta[..., None], q.new_zeros(RH, T, cols - width - 1)], dim=2).to(dtype)
+    beta = q1[..., width].float().view(RH * T)  # as rounded to dtype: exact in pass 1
     num_groups = -(-n // sub)
     coarse = max(num_groups // (THRESHOLD_SUB_BLOCKS * k), 1)  # groups per coarse maximum
     maxima = torch.empty(RH, -(-num_groups // coarse) * coarse, T, dtype=bits)
@@ -429,21 +435,23 @@ def _pass1_bound(
     block = max(choose_block_size(RH * T, element_size=q1.element_size()) // sub, 1) * sub
     buffer = torch.empty(RH * min(block, num_groups * sub) * T, dtype=dtype)  # reused: no page faults per block
     block_keys = torch.zeros(RH, min(block, num_groups * sub), cols, dtype=dtype)
-    block_keys[..., D] = 1  # the shift's column; the columns after it stay 0
+    block_keys[..., width] = 1  # the shift's column; the columns after it stay 0
     key_norm = torch.zeros(RH)  # the largest norm of the valid keys of every head (stale slots may hold anything)
     for j0 in range(0, n, block):
-        width = min(block, n - j0)
-        padded = -(-width // sub) * sub
+        slots = min(block, n - j0)
+        padded = -(-slots // sub) * sub
         invalid = _invalid_slots(row_len, j0, padded, lo)
-        norms = torch.linalg.vector_norm(keys[:, j0 : j0 + width], dim=-1).float()  # while the block is in cache
+        norms = torch.linalg.vector_norm(keys[:, j0 : j0 + slots], dim=-1).float()  # while the block is in cache
         if invalid is not None:
-            norms.masked_fill_(invalid[:, :width], 0.0)
+            norms.masked_fill_(invalid[:, :slots], 0.0)
         key_norm = torch.maximum(key_norm, norms.amax(dim=1))
-        block_keys[:, :width, :D] = keys[:, j0 : j0 + width]
-        if padded > width:  # last block: zero keys up to whole groups (they lie past every row's end: masked)
-            block_keys[:, width:padded, :D] = 0
+        block_keys[:, :slots, :D] = keys[:, j0 : j0 + slots]
+        if parts == 2:  # the rest of each key (exact in fp32), rounded in its turn
+            block_keys[:, :slots, D:width] = keys[:, j0 : j0 + slots] - block_keys[:, :slots, :D]
+        if padded > slots:  # last block: zero keys up to whole groups (they lie past every row's end: masked)
+            block_keys[:, slots:padded, :width] = 0
         if invalid is not None:  # stale slots may hold NaN or inf, and native bf16 kernels spread those to the
-            block_keys[:, :padded, :D].masked_fill_(invalid[..., None], 0)  # scores of neighbouring slots
+            block_keys[:, :padded, :width].masked_fill_(invalid[..., None], 0)  # scores of neighbouring slots
         s = torch.bmm(block_keys[:, :padded], q1.transpose(1, 2), out=buffer[: RH * padded * T].view(RH, padded, T))
         if invalid is not None:
             s.masked_fill_(invalid[:, :, None], float("-inf"))
@@ -454,24 +462,23 @@ def _pass1_bound(
 
     # k groups have a (shifted) pass-1 score >= g (the k-th largest group maximum), and so, for each, some slot whose
     # fp32 score s is >= low = g - beta - c|g| - e. Here c|g| bounds the rounding of the bf16 output and e bounds
-    # |s - (pass-1 score before that rounding - beta)| <= |q - q'| |k| + |q'| |k - k'| + fp32 accumulation errors of
-    # both passes (<= (D + 1) u (|q| |k| + |beta|) each, plus denormals flushed by bf16 dot products), for the
-    # bf16-rounded q', k'. The threshold is ranked among coarser maxima (cheaper): their k-th largest is a lower
-    # bound too.
+    # |s - (pass-1 score before that rounding - beta)|: the rounding of the query q to q' (|q - q'| |k|) and of the
+    # key (|q'| |k| u, or u^2 with split keys), the fp32 accumulation of both passes' exact products (at most
+    # `cols` terms each: gamma times the sum of their magnitudes, |q| |k| in pass 2 and |q'| |k| (1 + u)^parts +
+    # |beta| in pass 1) and denormals flushed by bf16 dot products. The threshold is ranked among coarser maxima
+    # (cheaper): their k-th largest is a lower bound too.
     coarse_max = maxima.view(RH, -1, coarse, T).amax(dim=2) if coarse > 1 else maxima
     g = coarse_max.topk(k, dim=1, sorted=False).values.amin(dim=1).view(dtype).float().view(RH * T)  # not kthvalue: 2x
     key_norm = key_norm.repeat_interleave(T)
     q_norm = torch.linalg.vector_norm(q, dim=-1).view(RH * T)
-    gamma = (D + 1) * _FP32_UNIT / (1 - (D + 1) * _FP32_UNIT)
-    e = 2 * gamma * (q_norm * key_norm + beta.abs()) + D * 2.0**-120
-    c = 0.0
-    if approx:
-        key_unit = 0.0 if keys.dtype == torch.bfloat16 else _BF16_UNIT  # bf16 keys are exact in pass 1
-        q1 = q1[..., :D].float()
-        q1_norm = torch.linalg.vector_norm(q1, dim=-1).view(RH * T)
-        q_error = torch.linalg.vector_norm(q - q1, dim=-1).view(RH * T)
-        e = e + key_norm * (q_error + key_unit * q1_norm + gamma * key_unit * q1_norm)
-        c = _BF16_UNIT / (1 - _BF16_UNIT)
+    q1 = q1[..., :D].float()  # q' (q itself in an fp32 pass 1)
+    q1_norm = torch.linalg.vector_norm(q1, dim=-1).view(RH * T)
+    q_error = torch.linalg.vector_norm(q - q1, dim=-1).view(RH * T)
+    unit = _BF16_UNIT if approx and keys.dtype != torch.bfloat16 else 0.0  # rounding of a key to pass 1's dtype
+    gamma = cols * _FP32_UNIT / (1 - cols * _FP32_UNIT)
+    e = gamma * (q_norm * key_norm + q1_norm * (1 + unit) ** parts * key_norm + beta.abs())
+    e = e + key_norm * (q_error + unit**parts * q1_norm) + cols * 2.0**-120 * (1 + q1_norm + key_norm)
+    c = _BF16_UNIT / (1 - _BF16_UNIT) if approx else 0.0
     slack = 2.0**-20  # covers the fp32 rounding of the few operations below
     low = g - beta - c * g.abs() - e
     low = low - slack * (g.abs() + beta.abs() + e)

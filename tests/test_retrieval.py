@@ -18,11 +18,11 @@ NINF = float("-inf")
 
 # Search paths of exact_topk on CPU. "small" shrinks every size so that tiny memories still take the two-pass path
 # with several blocks, partial last blocks, several pass-2 windows, query tiles, coarse threshold maxima and
-# shifted pass-1 scores, and pads pass 1's columns wider; "crowded" additionally makes most queries collect more candidates than they may keep (their
-# thresholds rise to their best k so far); "no_shift"
-# leaves pass-1 scores unshifted, so that queries with a negative threshold are searched densely; "dense" forces the
-# dense path (the CUDA one), "dense_keys_major" that path with the keys as the matmul's left operand; "fp32"
-# disables the bf16 first pass.
+# shifted pass-1 scores, and pads pass 1's columns wider; "crowded" additionally makes most queries collect more
+# candidates than they may keep (their thresholds rise to their best k so far); "no_shift" leaves pass-1 scores
+# unshifted, so that queries with a negative threshold are searched densely; "dense" forces the dense path (the CUDA
+# one), "dense_keys_major" that path with the keys as the matmul's left operand; "fp32" disables the bf16 first
+# pass, "small_whole_keys" rounds every key to bf16 in one part instead of two.
 SMALL = {
     "SUB_BLOCK": 8,
     "MIN_SUB_BLOCK": 4,
@@ -40,6 +40,7 @@ PATHS = {
     "bf16": {"APPROX_BF16": True},
     "small": SMALL | {"THRESHOLD_SUB_BLOCKS": 2, "APPROX_BF16": True},
     "small_fp32": SMALL | {"APPROX_BF16": False},
+    "small_whole_keys": SMALL | {"APPROX_BF16": True, "SPLIT_KEYS": False},
     "crowded": SMALL | {"PASS2_BYTES": 2**11, "CANDIDATES": 1, "APPROX_BF16": True},
     "no_shift": SMALL | {"SHIFT_SAMPLE": 0, "APPROX_BF16": True},
     "dense": {"MIN_QUERIES": 2**30, "MIN_BLOCK": 8, "BLOCK_BYTES": 2**14},
