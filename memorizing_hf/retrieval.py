@@ -9,14 +9,15 @@ A naive search computes the full score matrix and calls `topk` on it. On CPU tha
 matmul, and the score matrix is large (1.2 GB for 4,608 queries x 65,536 keys). `exact_topk` never materialises it
 and spends almost all its time in one kind of matmul. On CPU it makes two passes:
 
-1. Pass 1 scores the memory block by block, in bf16 where the CPU multiplies bf16 natively (2-3x faster than fp32),
-   and keeps only the maximum score of every query over every group of `sub` (32 or 64) consecutive slots: one
-   `amax` per block, over a layout `[keys, queries]` whose reduction runs along contiguous memory, taken over the
-   scores' bits read as integers (3x faster than a bf16 `amax`; exact for positive maxima, so every query's scores
-   are shifted by a constant that makes its threshold positive, through an extra key dimension of ones). The k-th
-   largest of these maxima is reached by k slots, so, after subtracting the shift and a rigorous bound of the bf16
-   error (from the actual rounding error of each query and the largest key norm), it is a lower bound `low` of the
-   query's k-th best fp32 score.
+1. Pass 1 scores the memory block by block, in bf16 where the CPU multiplies bf16 natively (2-3x faster than fp32;
+   each fp32 key as two bf16 parts, its rounding and the rounding of the rest, so that the error comes from the
+   query's rounding only), and keeps only the maximum score of every query over every group of `sub` (32 or 64)
+   consecutive slots: one `amax` per block, over a layout `[keys, queries]` whose reduction runs along contiguous
+   memory, taken over the scores' bits read as integers (3x faster than a bf16 `amax`; exact for positive maxima, so
+   every query's scores are shifted by a constant that makes its threshold positive, through an extra key dimension
+   of ones). The k-th largest of these maxima is reached by k slots, so, after subtracting the shift and a rigorous
+   bound of the bf16 error (from the actual rounding error of each query and the largest key norm), it is a lower
+   bound `low` of the query's k-th best fp32 score.
 2. Pass 2 scores in fp32 only the (query, group) pairs whose pass-1 maximum can reach `low` (at 65,536 keys and
    k=32: 40-50 of 1,024 groups per query), batched per group (each group's keys meet all the queries that selected
    it in one small matmul; groups taken in order of their number of queries, so that padding them to equal size in
@@ -74,10 +75,10 @@ SHIFT_SAMPLE = 256
 # (text that repeats a passage many times, like the passkey's filler, gives many near-equal scores within pass 1's
 # error bound). At most 16 k x 13 bytes are kept per query, plus one pass-2 window's.
 CANDIDATES = 16
-# Columns of pass 1's matmul (the keys' dimensions, the shift's column of ones) are padded with zeros to a multiple
-# of PASS1_WIDTH: native bf16 kernels (AMX) run slower at an odd width, fp32 ones no faster at a wider one
-# (docs/performance.md).
-PASS1_WIDTH = 2
+# Columns of a bf16 pass 1's matmul (the keys' parts, the shift's column of ones) are padded with zeros to a multiple
+# of PASS1_WIDTH: AMX multiplies bf16 in tiles of 32 columns, and 160 columns run 1.4x faster than 130 (an fp32 pass
+# 1 is not padded: no faster there; docs/performance.md).
+PASS1_WIDTH = 32
 # Pass 1 on CPU scores in bf16 where the CPU has native bf16 dot products (avx512_bf16 / amx_bf16), else in fp32.
 # None = detect, True / False = force (pass 2 is always fp32, so the result is exact either way).
 APPROX_BF16: bool | None = None
@@ -425,7 +426,7 @@ def _pass1_bound(
         beta = top[..., 0] - 2 * top[..., -1]
     parts = 2 if approx and SPLIT_KEYS and keys.dtype != torch.bfloat16 else 1  # columns per key dimension
     width = parts * D  # the keys (or their two bf16 parts), then the shift's column of ones, then zeros
-    cols = -(-(width + 1) // PASS1_WIDTH) * PASS1_WIDTH
+    cols = -(-(width + 1) // PASS1_WIDTH) * PASS1_WIDTH if approx else width + 1
     q1 = torch.cat([q] * parts + [beta[..., None], q.new_zeros(RH, T, cols - width - 1)], dim=2).to(dtype)
     beta = q1[..., width].float().view(RH * T)  # as rounded to dtype: exact in pass 1
     num_groups = -(-n // sub)
