@@ -83,8 +83,8 @@ PASS1_WIDTH = 32
 # None = detect, True / False = force (pass 2 is always fp32, so the result is exact either way).
 APPROX_BF16: bool | None = None
 # A bf16 pass 1 multiplies every fp32 (or fp16) key as two bf16 parts, its rounding and the rounding of the rest
-# (twice the columns): the pass-1 error then comes from the query's rounding alone, and pass 2 rescores 3-6x fewer
-# keys on real keys, for a matmul 1.7x longer (docs/performance.md).
+# (twice the columns): the pass-1 error then comes from the query's rounding alone, and pass 2 rescores about half
+# as many keys on real keys, for a matmul 1.2x longer on AMX (160 columns instead of 96; docs/performance.md).
 SPLIT_KEYS = True
 
 _BF16_UNIT = 2.0**-8  # unit roundoff of bf16 (8 significant bits)
