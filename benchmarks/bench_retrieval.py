@@ -6,7 +6,12 @@ stored entries; `--queries 3` is one decoding step instead (3 query heads per ke
 table and writes JSON (`--out`).
 
     python benchmarks/bench_retrieval.py [--sizes 8192 65536 262144] [--queries 1536] [--repeats 5]
-        [--keys repeated] [--out ...] [--profile]
+        [--keys repeated|real] [--out ...] [--profile]
+
+`--keys real`: the real keys of `real_keys.py` (SmolLM2-135M's layer 21 reading the standard library; the largest
+cache built so far), the first N of them, and the 1,536 queries recorded at the smallest checkpoint >= N. Besides
+the default search, every row times the search with an fp32 first pass and, where the first pass is bf16, with
+whole keys (`SPLIT_KEYS = False`), and counts the keys pass 2 rescores per query.
 
 faiss runs in a subprocess: faiss and torch ship different OpenMP runtimes, and after faiss has run in a process
 torch's multi-threaded ops there become up to ~30x slower (the spinning faiss workers starve torch's).
@@ -23,12 +28,14 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from memorizing_experiments.real_keys import largest_cached
 from memorizing_hf import retrieval
 from memorizing_hf.retrieval import exact_topk
 
@@ -44,7 +51,15 @@ def make_data(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`m` random queries per (row, head) and `n` random keys, or (`keys="repeated"`) keys of a 40-token passage
     repeated to `n` entries with noise of 1e-6 (as text repeating itself, like the passkey's filler, stores them) and
-    queries near the passage's keys: every query then has thousands of near-equal top scores."""
+    queries near the passage's keys: every query then has thousands of near-equal top scores; or (`keys="real"`)
+    real keys and queries (the module docstring)."""
+    if keys == "real":
+        tensors, _ = largest_cached()
+        recorded = sorted(int(name.split(".")[1]) for name in tensors if name.startswith("queries."))
+        at = min((c for c in recorded if c >= n), default=None)
+        if at is None or tensors["keys"].shape[1] < n:
+            raise SystemExit(f"the real-key cache holds {tensors['keys'].shape[1]} entries, fewer than {n}")
+        return tensors[f"queries.{at}"][None, :, :m], tensors["keys"][None, :, :n].contiguous(), torch.tensor([n])
     gen = torch.Generator().manual_seed(seed + n)
     if keys == "repeated":
         passage = torch.randn(R, H, PASSAGE, D, generator=gen)
@@ -143,26 +158,51 @@ def faiss_times_in_subprocess(sizes: list[int], m: int, k: int, repeats: int, ke
     return {int(n): v for n, v in result.items()}, "faiss: IndexFlatIP per head, search only, in a subprocess"
 
 
+def with_settings(fn: Callable[[], object], **settings: object) -> Callable[[], object]:
+    """`fn`, called with the module constants of `retrieval` set to `settings` (restored after)."""
+
+    def call() -> object:
+        saved = {name: getattr(retrieval, name) for name in settings}
+        for name, value in settings.items():
+            setattr(retrieval, name, value)
+        try:
+            return fn()
+        finally:
+            for name, value in saved.items():
+                setattr(retrieval, name, value)
+
+    return call
+
+
+def rescored_per_query(search: Callable[[], object], queries: int) -> float:
+    """Keys that pass 2 of one call of `search` rescores, per query (0 where it searches densely)."""
+    counted = []
+    score_groups = retrieval.score_groups
+
+    def counting(q, keys, row_len, lo, k, sub, low, selected):  # noqa: ANN001, ANN202
+        counted.append(int(selected.sum()) * sub)
+        return score_groups(q, keys, row_len, lo, k, sub, low, selected)
+
+    retrieval.score_groups = counting
+    try:
+        search()
+    finally:
+        retrieval.score_groups = score_groups
+    return sum(counted) / queries
+
+
 def measure(n: int, m: int, k: int, repeats: int, keys: str) -> dict:
-    """exact_topk (bf16 / fp32 first pass) and plain matmul + topk at n entries and m queries per head, and
-    exact_topk's peak memory."""
+    """exact_topk (bf16 first pass with split and whole keys, where the CPU has one, and fp32 first pass) and plain
+    matmul + topk at n entries and m queries per head, pass 2's rescored keys, and exact_topk's peak memory."""
     queries, keys, lengths = make_data(n, m, keys=keys)
     row: dict = {"n": n, "kv_bytes": 2 * keys.numel() * keys.element_size()}
-
-    def exact_fp32_pass1() -> None:
-        retrieval.APPROX_BF16 = False
-        exact_topk(queries, keys, lengths, k)
-        retrieval.APPROX_BF16 = None
-
-    times = interleaved_times(
-        {
-            "exact": lambda: exact_topk(queries, keys, lengths, k),
-            "exact_fp32_pass1": exact_fp32_pass1,
-            "plain": lambda: plain_topk(queries, keys, k),
-        },
-        repeats,
-    )
+    exact = {"exact": lambda: exact_topk(queries, keys, lengths, k)}
+    exact["exact_fp32_pass1"] = with_settings(exact["exact"], APPROX_BF16=False)
+    if retrieval.bf16_matmul_is_fast():
+        exact["exact_whole_keys"] = with_settings(exact["exact"], SPLIT_KEYS=False)
+    times = interleaved_times(exact | {"plain": lambda: plain_topk(queries, keys, k)}, repeats)
     row |= {name: summary(t) for name, t in times.items()}
+    row["rescored_per_query"] = {name: rescored_per_query(fn, queries.shape[:3].numel()) for name, fn in exact.items()}
     with PeakMemory(exclude=[queries, keys, lengths]) as mem:
         exact_topk(queries, keys, lengths, k)
     row["exact_peak_bytes"] = mem.peak
@@ -181,7 +221,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/retrieval.json")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of exact_topk")
     parser.add_argument("--threads", type=int, help="torch (and faiss) threads; default: torch's default")
-    parser.add_argument("--keys", choices=["random", "repeated"], default="random", help="see make_data")
+    parser.add_argument("--keys", choices=["random", "repeated", "real"], default="random", help="see make_data")
     parser.add_argument("--faiss-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -239,6 +279,9 @@ def main() -> None:
             f"{row['exact_gflops']:>7.1f} | {100 * row['exact_gflops'] / machine_gflops:>7.1f}% | "
             f"{row['exact_peak_bytes'] / 2**20:>8.1f} | {row['exact_peak_bytes'] / row['kv_bytes']:>7.2f}"
         )
+    for row in results:
+        whole = f", whole keys {row['exact_whole_keys']['median_s']:.3f} s" if "exact_whole_keys" in row else ""
+        print(f"n={row['n']}: keys rescored by pass 2 per query {row['rescored_per_query']}{whole}")
     print(
         "process CPU s (median):  "
         + "; ".join(
