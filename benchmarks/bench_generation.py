@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 from memorizing_experiments.sources import smollm2_path, stdlib_path
-from memorizing_hf import MemorizingForCausalLM
+from memorizing_hf import MemorizingForCausalLM, retrieval
 
 SETTINGS = {"1 layer (21)": [21], "9 layers (16-24)": list(range(16, 25))}
 PROMPT_TOKENS, NEW_TOKENS = 64, 64
@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP contention)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "generation.json"))
+    parser.add_argument(
+        "--keys-major", choices=["auto", "yes", "no"], default="auto", help="decoding matmul order (auto: timed)"
+    )
     args = parser.parse_args(argv)
+    retrieval.KEYS_MAJOR = {"auto": None, "yes": True, "no": False}[args.keys_major]
     sizes = sorted(args.sizes)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -110,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         "new_tokens": NEW_TOKENS,
         "repeats": args.repeats,
         "memory": "random keys/values, fp32, exact retrieval, top-32, joint",
+        "keys_major": args.keys_major,
+        "keys_major_is_faster": retrieval.keys_major_is_faster(),
     }
 
     times: dict[str, list[float]] = {"base": []}

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         "--memory-sharpness", type=float, default=2.0, help="joint mode's spread of retrieved scores (1: off)"
     )
     parser.add_argument("--continued", type=int, default=1, help="definitions continued greedily (of 8)")
-    parser.add_argument("--passkey-tokens", type=int, default=8192, help="passkey prompt length (0: no passkey)")
+    parser.add_argument("--passkey-tokens", type=int, default=32768, help="passkey prompt length (0: no passkey)")
     parser.add_argument("--passkey-depth", type=float, default=0.1, help="where the key is hidden (0: start, 1: end)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)

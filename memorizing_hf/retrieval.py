@@ -41,6 +41,7 @@ This file is also shipped as Hugging Face remote code: it imports only torch and
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterator
 
 import torch
@@ -57,12 +58,13 @@ TILE_QUERIES = 4096
 # Fewest queries per (row, head) for the two-pass search; fewer (e.g. one token while generating) are searched
 # densely, where a single pass over the fp32 keys is cheaper than converting them for a bf16 pass.
 MIN_QUERIES = 64
-# The dense search on CPU multiplies the keys as the left operand when a (row, head) has at most FEW_QUERIES queries
-# (one decoding step of a grouped-query model) and a block's keys take at least STREAM_BYTES: beyond cache, streaming
-# the keys is the cost, and that order streams them faster; when they fit in cache the other order is faster
-# (docs/performance.md, "Decoding").
+# When a (row, head) has at most FEW_QUERIES queries (one decoding step of a grouped-query model) and a block's keys
+# take at least STREAM_BYTES, the dense search on CPU streams the keys from beyond cache, and the order of its matmul
+# decides how fast: `keys @ q.T` was 1.5x faster than `q @ keys.T` on an AMD EPYC, 1.2-1.5x slower on an Intel Xeon
+# (docs/performance.md, "Decoding"). KEYS_MAJOR: None = time both orders once per process, True / False = force.
 FEW_QUERIES = 4
 STREAM_BYTES = 16 * 2**20
+KEYS_MAJOR: bool | None = None
 # Slots per group: pass 1 keeps every query's maximum over each group. Aim for at least 8 k groups (a tight
 # threshold) with groups of at most SUB_BLOCK slots (cheap pass 2) and at least MIN_SUB_BLOCK (a small table).
 SUB_BLOCK = 64
@@ -100,6 +102,21 @@ def bf16_matmul_is_fast() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def keys_major_is_faster() -> bool:
+    """Whether `keys @ q.T` streams keys from beyond cache faster than `q @ keys.T` for a decoding step's few queries
+    on this CPU: six runs of each order, interleaved, over 3 * STREAM_BYTES of keys, the best of the last four (about
+    0.1 s, once)."""
+    keys = torch.full((3, 3 * STREAM_BYTES // (3 * 64 * 4), 64), 0.5)
+    q = torch.full((3, 3, 64), 0.5)
+    times = {True: [], False: []}
+    for keys_major in (True, False) * 6:
+        start = time.perf_counter()
+        torch.bmm(keys, q.transpose(1, 2)) if keys_major else torch.bmm(q, keys.transpose(1, 2))
+        times[keys_major].append(time.perf_counter() - start)
+    return min(times[True][2:]) < min(times[False][2:])
 
 
 def choose_block_size(num_queries: int, budget_bytes: int | None = None, element_size: int = 4) -> int:
@@ -193,6 +210,7 @@ def _search_dense(
     top_i = torch.full((RH * T, k), -1, dtype=torch.long, device=q.device)
     block_bytes = RH * min(block, n) * D * q.element_size()
     keys_major = q.device.type == "cpu" and T <= FEW_QUERIES and block_bytes >= STREAM_BYTES  # see FEW_QUERIES
+    keys_major = keys_major and (keys_major_is_faster() if KEYS_MAJOR is None else KEYS_MAJOR)
     for j0 in range(0, n, block):
         width = min(block, n - j0)
         block_keys = keys[:, j0 : j0 + width].to(q.dtype)

@@ -21,7 +21,8 @@ NINF = float("-inf")
 # shifted pass-1 scores, and pads pass 1's columns wider; "crowded" additionally makes most queries collect more
 # candidates than they may keep (their thresholds rise to their best k so far); "no_shift" leaves pass-1 scores
 # unshifted, so that queries with a negative threshold are searched densely; "dense" forces the dense path (the CUDA
-# one), "dense_keys_major" that path with the keys as the matmul's left operand; "fp32" disables the bf16 first
+# one), "dense_keys_major" that path with the keys as the matmul's left operand, "dense_timed_order" with the order
+# this CPU's timing chooses; "fp32" disables the bf16 first
 # pass, "small_whole_keys" rounds every key to bf16 in one part instead of two.
 SMALL = {
     "SUB_BLOCK": 8,
@@ -50,6 +51,15 @@ PATHS = {
         "BLOCK_BYTES": 2**14,
         "FEW_QUERIES": 2**30,
         "STREAM_BYTES": 0,
+        "KEYS_MAJOR": True,
+    },
+    "dense_timed_order": {
+        "MIN_QUERIES": 2**30,
+        "MIN_BLOCK": 8,
+        "BLOCK_BYTES": 2**14,
+        "FEW_QUERIES": 2**30,
+        "STREAM_BYTES": 0,
+        "KEYS_MAJOR": None,
     },
 }
 
