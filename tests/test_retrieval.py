@@ -22,8 +22,8 @@ NINF = float("-inf")
 # candidates than they may keep (their thresholds rise to their best k so far); "no_shift" leaves pass-1 scores
 # unshifted, so that queries with a negative threshold are searched densely; "dense" forces the dense path (the CUDA
 # one), "dense_keys_major" that path with the keys as the matmul's left operand, "dense_timed_order" with the order
-# this CPU's timing chooses; "fp32" disables the bf16 first
-# pass, "small_whole_keys" rounds every key to bf16 in one part instead of two.
+# this CPU's timing chooses; "fp32" disables the bf16 first pass, "small_whole_keys" rounds every key to bf16 in one
+# part instead of two.
 SMALL = {
     "SUB_BLOCK": 8,
     "MIN_SUB_BLOCK": 4,
