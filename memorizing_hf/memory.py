@@ -171,14 +171,24 @@ class KNNMemory:
         self._follow(queries.device)
         return self.backend.search(queries.detach(), self.keys, self.lengths, k)
 
-    def gather(self, slots: torch.Tensor, with_keys: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def gather(
+        self, slots: torch.Tensor, with_keys: bool = True, scratch: dict[tuple, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Keys (None unless `with_keys`) and values `[rows, heads, M, k, head_dim]` at `slots` (missing slots, -1,
-        give slot 0)."""
+        give slot 0). With `scratch`, the values go to a buffer kept there (per dtype and device, grown as needed)
+        and overwritten by the next gather that uses it: fresh allocations of tens of MB cost a page fault per 4 KB
+        on CPU, more than the gather itself (docs/performance.md, "Reading: page faults")."""
         rows, heads, allocated, dim = self.keys.shape
         base = torch.arange(rows * heads, device=slots.device).view(rows, heads, 1, 1) * allocated
         flat = (base + slots.clamp(min=0)).flatten()
         keys = self.keys.view(-1, dim).index_select(0, flat).view(*slots.shape, dim) if with_keys else None
-        values = self.values.view(-1, dim).index_select(0, flat).view(*slots.shape, dim)
+        out = None
+        if scratch is not None:
+            place = (self.values.dtype, self.values.device)
+            if place not in scratch or scratch[place].numel() < flat.numel() * dim:
+                scratch[place] = self.values.new_empty(flat.numel() * dim)
+            out = scratch[place][: flat.numel() * dim].view(-1, dim)
+        values = torch.index_select(self.values.view(-1, dim), 0, flat, out=out).view(*slots.shape, dim)
         return keys, values
 
     def in_order(self, row: int) -> torch.Tensor:
@@ -418,17 +428,24 @@ class MemoryBank:
 
     @torch.no_grad()
     def search(
-        self, layer: int, queries: torch.Tensor, k: int, group: int = 1, with_keys: bool = True
+        self,
+        layer: int,
+        queries: torch.Tensor,
+        k: int,
+        group: int = 1,
+        with_keys: bool = True,
+        scratch: dict[tuple, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Top-k scores, keys (None unless `with_keys`) and values `[B, Hkv, M, k(, D)]` for placed queries
         `[B, Hkv, M, D]`. Each memory row serves `group` consecutive batch rows (the sequences of one prompt, or every
-        prompt of a one-row memory)."""
+        prompt of a one-row memory). `scratch`: see `KNNMemory.gather` (the values are then valid until the next
+        search given the same scratch)."""
         memory = self.layers[layer]
         batch, heads, queries_per_row, dim = queries.shape
         rows = batch // group
         shared = queries.view(rows, group, heads, queries_per_row, dim).transpose(1, 2)
         scores, slots = memory.search(shared.reshape(rows, heads, group * queries_per_row, dim), k)
-        keys, values = memory.gather(slots, with_keys)
+        keys, values = memory.gather(slots, with_keys, scratch)
 
         def per_row(x: torch.Tensor) -> torch.Tensor:
             x = x.view(rows, heads, group, queries_per_row, *x.shape[3:]).transpose(1, 2)

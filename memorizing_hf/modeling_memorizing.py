@@ -95,6 +95,9 @@ class MemoryContext:
         xl_new: the keys/values of this segment per layer, recorded for the XL cache of the next call.
         stash: retrieval results per layer, so that a recomputation under gradient checkpointing sees exactly what
             the first pass saw and does not write twice.
+        scratch: buffers that the memory layers of this call share in inference (no autograd), where a layer's
+            retrieved values are used before the next layer retrieves: one allocation per call instead of one per
+            layer (see `KNNMemory.gather`). A stash entry's values are then valid only until the next layer runs.
     """
 
     knn: dict[int, KNNAttention]
@@ -111,6 +114,7 @@ class MemoryContext:
     xl: XLCache | None = None
     xl_new: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     stash: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
+    scratch: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def sources(self, layer: int) -> list[tuple[MemoryBank, int]]:
         """The memories holding entries for `layer`, with their batch rows per memory row: the call's memory and the
@@ -163,7 +167,10 @@ class KNNAttention(nn.Module):
         """Scores, keys (if `with_keys`), values and validity `[B, Hkv, M, k(, D)]` of the top-k entries over every
         memory the call reads, for the placed queries `[B, Hkv, M, D]`."""
         sources = context.sources(self.layer_idx)
-        found = [memory.search(self.layer_idx, grouped, self.top_k, group, with_keys) for memory, group in sources]
+        scratch = context.scratch if not with_keys and len(sources) == 1 else None  # a union needs both at once
+        found = [
+            memory.search(self.layer_idx, grouped, self.top_k, group, with_keys, scratch) for memory, group in sources
+        ]
         scores, keys, values = found[0]
         if len(found) > 1:  # the best k of the union
             scores, top = torch.cat([f[0] for f in found], dim=-1).topk(self.top_k, dim=-1)

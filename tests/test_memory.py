@@ -217,3 +217,19 @@ def test_damaged_memory_files_are_refused_and_change_nothing(tmp_path, damage: s
         bank.load(path)
     assert str(path) in str(error.value)
     assert_same(before, snapshot(bank))
+
+
+def test_gather_into_a_scratch_buffer_equals_a_fresh_gather_and_reuses_it() -> None:
+    memory = filled_bank().layers[0]
+    generator = torch.Generator().manual_seed(3)
+    scratch: dict = {}
+    pointers = []
+    for queries in (5, 2, 9):  # the buffer is kept, then grown
+        slots = torch.randint(-1, int(memory.lengths.min()), (2, HEADS, queries, 4), generator=generator)
+        keys, values = memory.gather(slots, with_keys=True, scratch=scratch)
+        fresh_keys, fresh_values = memory.gather(slots, with_keys=True)
+        assert torch.equal(values, fresh_values) and torch.equal(keys, fresh_keys)
+        rows, heads = torch.arange(2).view(2, 1, 1, 1), torch.arange(HEADS).view(1, HEADS, 1, 1)
+        assert torch.equal(values, memory.values[rows, heads, slots.clamp(min=0)])  # an independent indexing
+        pointers.append(values.data_ptr())
+    assert pointers[0] == pointers[1] != pointers[2]

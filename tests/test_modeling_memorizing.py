@@ -9,6 +9,7 @@ import transformers
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from memorizing_hf import MemorizingConfig, MemorizingForCausalLM, modeling_memorizing
+from memorizing_hf.memory import KNNMemory
 
 from .conftest import TINY_CONFIGS, tiny_base, tiny_memorizing
 
@@ -472,3 +473,33 @@ def test_joint_mode_read_a_tile_of_queries_at_a_time_equals_all_at_once(grad: bo
     torch.testing.assert_close(tiled, whole)
     tiled_stats = model(token_ids(seed=2), output_memory_stats=True).memory_stats["memory_share"][1]
     assert tiled_stats == pytest.approx(stats)
+
+
+@pytest.mark.parametrize("combine", ["joint", "gate"])
+def test_memory_layers_share_one_values_buffer_in_inference_only(combine: str, token_ids, monkeypatch) -> None:
+    """In inference every memory layer gathers its retrieved values into one buffer of the call (each layer uses them
+    before the next retrieves): the output must equal that of a gather per layer; under autograd none is shared."""
+    model = tiny_memorizing("llama", memory_layers=[0, 1, 2], combine=combine).eval()
+    model(token_ids(seed=1), update_memory=True)
+    ids = token_ids(seed=2)
+    gather, seen = KNNMemory.gather, []
+
+    def spy(self, slots, with_keys=True, scratch=None, share=True):  # noqa: ANN001, ANN202
+        keys, values = gather(self, slots, with_keys, scratch if share else None)
+        seen.append((scratch is not None, values.data_ptr()))
+        return keys, values
+
+    monkeypatch.setattr(KNNMemory, "gather", spy)
+    with torch.no_grad():
+        shared = model(ids).logits
+    assert [used for used, _ in seen] == [True] * 3 and len({pointer for _, pointer in seen}) == 1
+    monkeypatch.setattr(KNNMemory, "gather", lambda *args, **kwargs: spy(*args, **kwargs, share=False))
+    seen.clear()
+    with torch.no_grad():
+        own = model(ids).logits
+    assert len({pointer for _, pointer in seen}) == 3
+    assert torch.equal(shared, own)
+    monkeypatch.setattr(KNNMemory, "gather", spy)
+    seen.clear()
+    model(ids).logits.sum().backward()
+    assert [used for used, _ in seen] == [False] * 3
